@@ -1,0 +1,318 @@
+//! Unit tests of the release format and verifier: table-driven refusals.
+
+use super::*;
+use std::collections::BTreeMap;
+
+const NOW: u64 = 1_800_000_000;
+const TOPLEVEL: &str = "/nix/store/a1ps8nbkrhi4d52m2i2gzmv345rmsanm-nixos-system-a-test";
+
+fn key(name: &str, seed: u8) -> SecretKey {
+    SecretKey::from_seed(name, [seed; 32]).unwrap()
+}
+
+fn release(serial: u64) -> Release {
+    let mut hosts = BTreeMap::new();
+    hosts.insert(
+        "a".to_owned(),
+        HostEntry {
+            toplevel: StorePath::parse(TOPLEVEL).unwrap(),
+            wave: Some(0),
+            not_before: None,
+            report_key: Some(key("a", 9).public().to_string()),
+        },
+    );
+    Release {
+        format: FORMAT_VERSION,
+        fleet: "home".into(),
+        serial,
+        issued_at: NOW - 10,
+        expires: NOW + 3600,
+        source: Source {
+            repo: "git+file:///srv/fleet".into(),
+            commit: Some("56697b0912ba35bff5f5d74e6c61a31052c3f1fc".into()),
+        },
+        substituters: vec!["http://127.0.0.1:5000".into()],
+        hosts,
+    }
+}
+
+fn document(serial: u64) -> Vec<u8> {
+    serde_json::to_vec_pretty(&release(serial)).unwrap()
+}
+
+fn sign(document: &[u8], keys: &[&SecretKey]) -> Vec<u8> {
+    let file = SignatureFile {
+        signatures: keys
+            .iter()
+            .map(|k| Signature {
+                key_name: k.name().to_owned(),
+                bytes: k.sign(&signed_message(document)),
+            })
+            .collect(),
+        junk_lines: 0,
+    };
+    file.render().into_bytes()
+}
+
+fn trust(keys: &[&SecretKey], threshold: usize) -> TrustPolicy {
+    TrustPolicy::new(keys.iter().map(|k| k.public()).collect(), threshold).unwrap()
+}
+
+fn context() -> VerifyContext {
+    VerifyContext {
+        fleet: "home".into(),
+        now: NOW,
+        floor: None,
+    }
+}
+
+fn code(result: Result<VerifiedRelease, VerifyError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    }
+}
+
+#[test]
+fn round_trip_accepts_and_exposes_host() {
+    let (k1, doc) = (key("ops1", 1), document(5));
+    let verified = verify(&doc, &sign(&doc, &[&k1]), &trust(&[&k1], 1), &context()).unwrap();
+    assert_eq!(verified.serial(), 5);
+    assert_eq!(verified.signed_by(), ["ops1"]);
+    assert_eq!(verified.host("a").unwrap().toplevel.as_str(), TOPLEVEL);
+    assert_eq!(verified.host("b").unwrap_err().code(), "no_host_entry");
+}
+
+#[test]
+fn signature_rows() {
+    let (k1, k2, k3, evil) = (
+        key("ops1", 1),
+        key("ops2", 2),
+        key("ops3", 3),
+        key("evil", 4),
+    );
+    // An attacker's key that reuses a trusted name.
+    let impostor = key("ops2", 5);
+    let doc = document(5);
+    let other_doc = document(6);
+    let both = |a: Vec<u8>, b: Vec<u8>| [a, b].concat();
+    #[rustfmt::skip]
+    let rows: Vec<(&str, Vec<u8>, TrustPolicy, &str)> = vec![
+        ("one of one", sign(&doc, &[&k1]), trust(&[&k1], 1), "ok"),
+        ("two of three", sign(&doc, &[&k1, &k3]), trust(&[&k1, &k2, &k3], 2), "ok"),
+        ("no signatures", Vec::new(), trust(&[&k1], 1), "signature_missing"),
+        ("comments only", b"# nothing\n\n".to_vec(), trust(&[&k1], 1), "signature_missing"),
+        ("foreign key", sign(&doc, &[&evil]), trust(&[&k1], 1), "signature_untrusted"),
+        ("impostor with trusted name", sign(&doc, &[&impostor]), trust(&[&k2], 1), "signature_invalid"),
+        ("signature of another document", sign(&other_doc, &[&k1]), trust(&[&k1], 1), "signature_invalid"),
+        ("duplicate counted once", sign(&doc, &[&k1, &k1]), trust(&[&k1, &k2], 2), "below_threshold"),
+        ("below threshold", sign(&doc, &[&k1]), trust(&[&k1, &k2, &k3], 2), "below_threshold"),
+        ("junk extra line tolerated", both(sign(&doc, &[&k1]), b"garbage line\n".to_vec()), trust(&[&k1], 1), "ok"),
+        ("junk extra foreign signature tolerated", sign(&doc, &[&evil, &k1]), trust(&[&k1], 1), "ok"),
+        ("bad extra signature tolerated", both(sign(&other_doc, &[&k2]), sign(&doc, &[&k1])), trust(&[&k1, &k2], 1), "ok"),
+        ("corrupted only", b"ops1:notbase64\n".to_vec(), trust(&[&k1], 1), "signature_invalid"),
+        ("not utf-8", vec![0xff, 0xfe], trust(&[&k1], 1), "signature_malformed"),
+        ("oversized signature file", vec![b'#'; MAX_SIGNATURE_FILE_BYTES + 1], trust(&[&k1], 1), "signature_malformed"),
+        ("too many lines", sign(&doc, &vec![&evil; MAX_SIGNATURES + 1]), trust(&[&k1], 1), "signature_malformed"),
+    ];
+    for (what, signatures, trust, expected) in rows {
+        assert_eq!(
+            code(verify(&doc, &signatures, &trust, &context())),
+            expected,
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn every_single_byte_change_is_refused() {
+    let k1 = key("ops1", 1);
+    let doc = document(5);
+    let signatures = sign(&doc, &[&k1]);
+    let trust = trust(&[&k1], 1);
+    for i in 0..doc.len() {
+        for flip in [0x01u8, 0x80] {
+            let mut tampered = doc.clone();
+            tampered[i] ^= flip;
+            assert_eq!(
+                code(verify(&tampered, &signatures, &trust, &context())),
+                "signature_invalid",
+                "byte {i} xor {flip:#x}"
+            );
+        }
+    }
+    let mut longer = doc.clone();
+    longer.push(b'\n');
+    assert_eq!(
+        code(verify(&longer, &signatures, &trust, &context())),
+        "signature_invalid"
+    );
+    let shorter = &doc[..doc.len() - 1];
+    assert_eq!(
+        code(verify(shorter, &signatures, &trust, &context())),
+        "signature_invalid"
+    );
+}
+
+#[test]
+fn context_rows() {
+    let k1 = key("ops1", 1);
+    let trust = trust(&[&k1], 1);
+    let doc = document(5);
+    let accepted = |serial, doc: &[u8]| {
+        Some(Accepted {
+            serial,
+            digest: Digest::of(doc),
+        })
+    };
+    let ctx = |fleet: &str, now, floor| VerifyContext {
+        fleet: fleet.into(),
+        now,
+        floor,
+    };
+    #[rustfmt::skip]
+    let rows: Vec<(&str, VerifyContext, &str)> = vec![
+        ("fresh host", ctx("home", NOW, None), "ok"),
+        ("wrong fleet", ctx("lab", NOW, None), "wrong_fleet"),
+        ("expired", ctx("home", NOW + 3600, None), "expired"),
+        ("clock in 1970, floor past expiry", ctx("home", NOW + 7200, None), "expired"),
+        ("higher serial", ctx("home", NOW, accepted(4, b"x")), "ok"),
+        ("same serial same bytes", ctx("home", NOW, accepted(5, &doc)), "ok"),
+        ("same serial other bytes", ctx("home", NOW, accepted(5, b"other")), "serial_reused"),
+        ("lower serial", ctx("home", NOW, accepted(6, b"x")), "serial_too_low"),
+    ];
+    for (what, context, expected) in rows {
+        assert_eq!(
+            code(verify(&doc, &sign(&doc, &[&k1]), &trust, &context)),
+            expected,
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn malformed_documents_rows() {
+    let k1 = key("ops1", 1);
+    let trust = trust(&[&k1], 1);
+    let good = String::from_utf8(document(5)).unwrap();
+    let host_a = "\"a\": {";
+    #[rustfmt::skip]
+    let rows: Vec<(&str, String, &str)> = vec![
+        ("not json", "hello".into(), "malformed"),
+        ("empty", String::new(), "malformed"),
+        ("unknown field", good.replacen("\"format\": 1,", "\"format\": 1, \"extra\": true,", 1), "malformed"),
+        ("future format", good.replacen("\"format\": 1,", "\"format\": 2,", 1), "malformed"),
+        ("duplicate host", good.replacen(host_a, &format!("\"a\": {{\"toplevel\": \"{TOPLEVEL}\"}}, {host_a}"), 1), "malformed"),
+        ("not a store path", good.replace(TOPLEVEL, "/etc/passwd"), "malformed"),
+        ("store path with slash", good.replace(TOPLEVEL, &format!("{TOPLEVEL}/bin")), "malformed"),
+        ("store path bad hash", good.replace("a1ps8nbkrhi4", "e1ps8nbkrhi4"), "malformed"),
+        ("store path traversal", good.replace(TOPLEVEL, "/nix/store/a1ps8nbkrhi4d52m2i2gzmv345rmsanm-../../etc"), "malformed"),
+        ("bad host name", good.replacen(host_a, "\"-rf\": {", 1), "malformed"),
+        ("bad fleet name", good.replacen("\"fleet\": \"home\"", "\"fleet\": \"ho me\"", 1), "malformed"),
+        ("bad commit", good.replace("56697b0912ba35bff5f5d74e6c61a31052c3f1fc", "HEAD"), "malformed"),
+        ("bad report key", good.replacen("\"report_key\": \"a:", "\"report_key\": \"a:x", 1), "malformed"),
+        ("negative serial", good.replacen("\"serial\": 5", "\"serial\": -5", 1), "malformed"),
+    ];
+    for (what, doc, expected) in rows {
+        let doc = doc.into_bytes();
+        assert_eq!(
+            code(verify(&doc, &sign(&doc, &[&k1]), &trust, &context())),
+            expected,
+            "{what}"
+        );
+    }
+    let huge = vec![b' '; MAX_DOCUMENT_BYTES + 1];
+    assert_eq!(
+        code(verify(&huge, &sign(&huge, &[&k1]), &trust, &context())),
+        "too_large"
+    );
+}
+
+#[test]
+fn trust_policy_refuses_impossible_thresholds_and_twice_listed_keys() {
+    let (k1, k2) = (key("ops1", 1), key("ops2", 2));
+    assert!(TrustPolicy::new(vec![k1.public()], 0).is_err());
+    assert!(TrustPolicy::new(vec![k1.public()], 2).is_err());
+    assert!(TrustPolicy::new(vec![k1.public(), k1.public()], 2).is_err());
+    let same_key_other_name = SecretKey::from_seed("ops1-copy", [1; 32]).unwrap();
+    assert!(TrustPolicy::new(vec![k1.public(), same_key_other_name.public()], 2).is_err());
+    assert!(TrustPolicy::new(vec![k1.public(), k2.public()], 2).is_ok());
+}
+
+#[test]
+fn keys_round_trip_in_nix_format() {
+    let k = key("cache.example.org-1", 7);
+    let again = SecretKey::parse(&k.to_nix_string()).unwrap();
+    assert_eq!(again.public(), k.public());
+    assert_eq!(
+        PublicKey::parse(&k.public().to_string()).unwrap(),
+        k.public()
+    );
+    assert_eq!(
+        format!("{k:?}"),
+        "SecretKey(cache.example.org-1:<redacted>)"
+    );
+    assert_eq!(
+        PublicKey::parse("nocolon").unwrap_err(),
+        KeyError::MissingName
+    );
+    assert!(matches!(
+        PublicKey::parse(&k.to_nix_string()).unwrap_err(),
+        KeyError::BadLength { expected: 32, .. }
+    ));
+    assert!(matches!(
+        SecretKey::parse(&k.public().to_string()).unwrap_err(),
+        KeyError::BadLength { expected: 64, .. }
+    ));
+}
+
+#[test]
+fn error_wording() {
+    let errors = [
+        VerifyError::SerialTooLow {
+            serial: 41,
+            accepted: 42,
+        }
+        .to_string(),
+        VerifyError::NotEnoughSignatures {
+            valid: 1,
+            threshold: 2,
+            rejected: vec![
+                ("ops2".into(), WHY_INVALID_FOR_TEST),
+                ("evil".into(), "not a trusted key"),
+            ],
+            junk_lines: 1,
+        }
+        .to_string(),
+        VerifyError::WrongFleet {
+            expected: "home".into(),
+            got: "lab".into(),
+        }
+        .to_string(),
+    ];
+    assert_eq!(
+        errors,
+        [
+            "release serial 41 is older than accepted serial 42: refusing (a rollback must be a \
+             new release with a higher serial)",
+            "release has 1 valid signature(s) from trusted keys, 2 needed; not counted: ops2 \
+             (signature does not match), evil (not a trusted key), 1 unreadable line(s)",
+            "release is for fleet 'lab' but this host belongs to fleet 'home': refusing",
+        ]
+    );
+}
+
+const WHY_INVALID_FOR_TEST: &str = "signature does not match";
+
+#[test]
+fn verifies_ten_thousand_hosts() {
+    let k1 = key("ops1", 1);
+    let mut big = release(7);
+    let entry = big.hosts["a"].clone();
+    for i in 0..10_000 {
+        big.hosts.insert(format!("host-{i:05}"), entry.clone());
+    }
+    let doc = serde_json::to_vec(&big).unwrap();
+    let verified = verify(&doc, &sign(&doc, &[&k1]), &trust(&[&k1], 1), &context()).unwrap();
+    assert_eq!(verified.release().hosts.len(), 10_001);
+}

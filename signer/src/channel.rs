@@ -1,0 +1,279 @@
+//! Release channels as the signer sees them: read the current release, publish a new one.
+//!
+//! A channel is written as:
+//!
+//! ```text
+//! /srv/www/fleet            a directory (also file:///srv/www/fleet): read and publish
+//! https://host/fleet        a static HTTP base URL: read only (publish to the directory it serves)
+//! git+<url>[#<ref>]         a git remote, ref default `fleet-release`: read and publish
+//!                           (git+file:///srv/fleet.git, git+ssh://git@host/fleet.git#prod, …)
+//! ```
+
+use crate::git;
+use anyhow::{bail, Context as _, Result};
+use fleet_agent::release::{
+    DOCUMENT_FILE, MAX_DOCUMENT_BYTES, MAX_SIGNATURE_FILE_BYTES, SIGNATURE_FILE,
+};
+use std::fmt;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The ref a git channel uses when none is given.
+pub const DEFAULT_GIT_REF: &str = "fleet-release";
+const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const HTTP_TOTAL_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Channel {
+    Directory(PathBuf),
+    Http(String),
+    Git { url: String, refname: String },
+}
+
+/// A release as read from a channel, not yet verified.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub document: Vec<u8>,
+    pub signatures: Vec<u8>,
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Directory(path) => write!(f, "{}", path.display()),
+            Self::Http(url) => f.write_str(url),
+            Self::Git { url, refname } => write!(f, "git+{url}#{refname}"),
+        }
+    }
+}
+
+impl Channel {
+    pub fn parse(text: &str) -> Result<Self> {
+        if let Some(rest) = text.strip_prefix("git+") {
+            let (url, refname) = match rest.rsplit_once('#') {
+                Some((url, refname)) => (url, refname),
+                None => (rest, DEFAULT_GIT_REF),
+            };
+            let valid_ref = !refname.is_empty()
+                && !refname.starts_with(['-', '/'])
+                && !refname.contains("..")
+                && refname
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+            if url.is_empty() || !valid_ref {
+                bail!("git channel '{text}' is not of the form git+<url>[#<ref>]");
+            }
+            return Ok(Self::Git {
+                url: url.to_owned(),
+                refname: refname.to_owned(),
+            });
+        }
+        if text.starts_with("git://") {
+            return Self::parse(&format!("git+{text}"));
+        }
+        if text.starts_with("http://") || text.starts_with("https://") {
+            return Ok(Self::Http(text.trim_end_matches('/').to_owned()));
+        }
+        if let Some(path) = text.strip_prefix("file://") {
+            return Ok(Self::Directory(PathBuf::from(path)));
+        }
+        if text.contains("://") {
+            bail!(
+                "channel '{text}' has an unknown scheme: use a directory, http(s)://… or git+<url>"
+            );
+        }
+        Ok(Self::Directory(PathBuf::from(text)))
+    }
+
+    /// The release the channel holds now, or `None` when it holds none yet.
+    pub fn read(&self) -> Result<Option<Published>> {
+        match self {
+            Self::Directory(dir) => read_directory(dir),
+            Self::Http(base) => read_http(base),
+            Self::Git { url, refname } => {
+                let scratch = git::Scratch::new()?;
+                let Some(tip) = scratch.fetch_tip(url, refname)? else {
+                    return Ok(None);
+                };
+                let document = scratch.read_file(&tip, DOCUMENT_FILE, MAX_DOCUMENT_BYTES)?;
+                let signatures =
+                    scratch.read_file(&tip, SIGNATURE_FILE, MAX_SIGNATURE_FILE_BYTES)?;
+                match (document, signatures) {
+                    (Some(document), Some(signatures)) => Ok(Some(Published {
+                        document,
+                        signatures,
+                    })),
+                    (Some(document), None) => Ok(Some(Published {
+                        document,
+                        signatures: Vec::new(),
+                    })),
+                    _ => bail!(
+                        "ref '{refname}' of '{url}' (commit {tip}) has no {DOCUMENT_FILE}: is \
+                         this the release ref?"
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Publishes a signed release; returns where it went (a path or a commit).
+    pub fn publish(&self, release: &Published, message: &str) -> Result<String> {
+        match self {
+            Self::Directory(dir) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("could not create directory {}", dir.display()))?;
+                write_atomic(&dir.join(DOCUMENT_FILE), &release.document)?;
+                write_atomic(&dir.join(SIGNATURE_FILE), &release.signatures)?;
+                Ok(dir.display().to_string())
+            }
+            Self::Http(url) => bail!(
+                "cannot publish to '{url}': fleet-sign publishes to a directory or a git remote; \
+                 publish to the directory this URL serves"
+            ),
+            Self::Git { url, refname } => {
+                let scratch = git::Scratch::new()?;
+                let parent = scratch.fetch_tip(url, refname)?;
+                let files = [
+                    (DOCUMENT_FILE, release.document.as_slice()),
+                    (SIGNATURE_FILE, release.signatures.as_slice()),
+                ];
+                let commit =
+                    scratch.commit_and_push(url, refname, parent.as_deref(), &files, message)?;
+                Ok(format!("commit {commit}"))
+            }
+        }
+    }
+}
+
+fn read_capped(path: &Path, limit: usize) -> Result<Option<Vec<u8>>> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("could not open {}", path.display())),
+    };
+    let mut bytes = Vec::new();
+    file.take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("could not read {}", path.display()))?;
+    if bytes.len() > limit {
+        bail!(
+            "{} is larger than the limit of {limit} bytes",
+            path.display()
+        );
+    }
+    Ok(Some(bytes))
+}
+
+fn read_directory(dir: &Path) -> Result<Option<Published>> {
+    let Some(document) = read_capped(&dir.join(DOCUMENT_FILE), MAX_DOCUMENT_BYTES)? else {
+        return Ok(None);
+    };
+    let signatures =
+        read_capped(&dir.join(SIGNATURE_FILE), MAX_SIGNATURE_FILE_BYTES)?.unwrap_or_default();
+    Ok(Some(Published {
+        document,
+        signatures,
+    }))
+}
+
+fn read_http(base: &str) -> Result<Option<Published>> {
+    let client = reqwest::blocking::Client::builder()
+        .connect_timeout(HTTP_CONNECT_TIMEOUT)
+        .timeout(HTTP_TOTAL_TIMEOUT)
+        .user_agent(concat!("fleet-sign/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("could not set up the HTTP client")?;
+    let get = |name: &str, limit: usize| -> Result<Option<Vec<u8>>> {
+        let url = format!("{base}/{name}");
+        let response = client
+            .get(&url)
+            .send()
+            .with_context(|| format!("could not fetch {url}"))?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !response.status().is_success() {
+            bail!("fetching {url} failed: HTTP {}", response.status());
+        }
+        if response.content_length().is_some_and(|n| n > limit as u64) {
+            bail!("{url} is larger than the limit of {limit} bytes");
+        }
+        let mut bytes = Vec::new();
+        response
+            .take(limit as u64 + 1)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("could not read {url}"))?;
+        if bytes.len() > limit {
+            bail!("{url} is larger than the limit of {limit} bytes");
+        }
+        Ok(Some(bytes))
+    };
+    let Some(document) = get(DOCUMENT_FILE, MAX_DOCUMENT_BYTES)? else {
+        return Ok(None);
+    };
+    let signatures = get(SIGNATURE_FILE, MAX_SIGNATURE_FILE_BYTES)?.unwrap_or_default();
+    Ok(Some(Published {
+        document,
+        signatures,
+    }))
+}
+
+/// Writes a file so readers see the old or the new bytes, never a mix: temp file, fsync,
+/// rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut temp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("could not create a temporary file in {}", dir.display()))?;
+    temp.write_all(bytes)
+        .and_then(|()| temp.as_file().sync_all())
+        .with_context(|| format!("could not write {}", path.display()))?;
+    set_mode(temp.path(), 0o644)?;
+    temp.persist(path)
+        .with_context(|| format!("could not replace {}", path.display()))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("could not sync directory {}", dir.display()))?;
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("could not set the mode of {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_channel_forms() {
+        let git = |url: &str, r: &str| Channel::Git {
+            url: url.into(),
+            refname: r.into(),
+        };
+        assert_eq!(
+            Channel::parse("git+file:///srv/f.git").unwrap(),
+            git("file:///srv/f.git", "fleet-release")
+        );
+        assert_eq!(
+            Channel::parse("git+ssh://git@h/f.git#prod").unwrap(),
+            git("ssh://git@h/f.git", "prod")
+        );
+        assert_eq!(
+            Channel::parse("git://127.0.0.1:9418/f.git").unwrap(),
+            git("git://127.0.0.1:9418/f.git", "fleet-release")
+        );
+        assert_eq!(
+            Channel::parse("https://h/fleet/").unwrap(),
+            Channel::Http("https://h/fleet".into())
+        );
+        assert_eq!(
+            Channel::parse("file:///srv/www").unwrap(),
+            Channel::Directory("/srv/www".into())
+        );
+        assert!(Channel::parse("git+file:///x#--upload-pack=evil").is_err());
+        assert!(Channel::parse("ftp://h/x").is_err());
+    }
+}

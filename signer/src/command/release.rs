@@ -1,0 +1,587 @@
+//! `fleet-sign release`: build every chosen host, push closures to the cache, sign, publish.
+//!
+//! Steps, each refusing with a reason before anything is published:
+//! 1. read the release each channel holds now and verify it with the trusted keys (its entries
+//!    are carried over for hosts not rebuilt, so a tampered channel must not leak into a new
+//!    signature);
+//! 2. list the flake's `nixosConfigurations`, resolve `--on` (names and `@group`s);
+//! 3. build each chosen host's `config.system.build.toplevel` from the locked flake;
+//! 4. `nix copy` the closures to the cache (signed with the cache key) and check that the whole
+//!    closure is there, signed;
+//! 5. write the document with the next serial, sign it with every key, verify it as a host
+//!    would, and publish it to every channel.
+
+use super::{now, rfc3339, verify::trust_policy};
+use crate::channel::{Channel, Published};
+use crate::config::{Loaded, RawHost};
+use crate::{keyfile, nix};
+use anyhow::{bail, Context as _, Result};
+use fleet_agent::release::{
+    self, signed_message, Accepted, HostEntry, PublicKey, Release, SecretKey, Signature,
+    SignatureFile, Source, StorePath, TrustPolicy, VerifyContext, FORMAT_VERSION,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The longest a release may stay valid: longer would let a frozen channel go unnoticed.
+const MAX_VALIDITY: Duration = Duration::from_secs(366 * 24 * 3600);
+const DEFAULT_VALIDITY: &str = "30d";
+
+/// Build the chosen hosts, push their closures to the cache, sign and publish a release.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Hosts to build: comma-separated names and @groups (default: every host in the flake).
+    /// Hosts not named keep their entry from the current release.
+    #[arg(long, value_delimiter = ',')]
+    on: Vec<String>,
+    /// The flake holding nixosConfigurations (default: from the config, else ".").
+    #[arg(long)]
+    flake: Option<String>,
+    /// The fleet name the release is for (default: from the config).
+    #[arg(long)]
+    fleet: Option<String>,
+    /// A secret release key to sign with; repeat for several (default: keys from the config).
+    #[arg(long = "key")]
+    keys: Vec<PathBuf>,
+    /// A public key hosts trust, to check the current release; repeat for several
+    /// (default: trusted_keys from the config, else the public halves of the signing keys).
+    #[arg(long = "trusted-key")]
+    trusted_keys: Vec<String>,
+    /// How many trusted keys hosts require (default: from the config, else 1).
+    #[arg(long)]
+    threshold: Option<usize>,
+    /// The binary cache to copy closures to (anything `nix copy --to` takes).
+    #[arg(long)]
+    cache: Option<String>,
+    /// The secret key the cache signs closures with.
+    #[arg(long)]
+    cache_key: Option<PathBuf>,
+    /// A substituter URL to list in the release as a hint to hosts; repeat for several.
+    #[arg(long = "substituter")]
+    substituters: Vec<String>,
+    /// A channel to publish to (a directory or git+<url>[#<ref>]); repeat for several.
+    #[arg(long = "channel")]
+    channels: Vec<String>,
+    /// The serial to use; must be above every channel's current serial (default: next).
+    #[arg(long)]
+    serial: Option<u64>,
+    /// How long the release stays valid, e.g. 30d, 12h (default 30d, at most 366d).
+    #[arg(long)]
+    expires: Option<String>,
+    /// Release from a flake with uncommitted changes (the release then names no commit).
+    #[arg(long)]
+    allow_dirty: bool,
+    /// Config file (default: ./fleet.toml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Everything the release needs, from flags over the config file.
+struct Settings {
+    fleet: String,
+    flake: String,
+    keys: Vec<SecretKey>,
+    trust: TrustPolicy,
+    cache: String,
+    cache_key: Option<(PathBuf, PublicKey)>,
+    substituters: Vec<String>,
+    channels: Vec<Channel>,
+    validity: Duration,
+    groups: BTreeMap<String, Vec<String>>,
+    hosts: BTreeMap<String, RawHost>,
+}
+
+fn settings(args: &Args, config: Loaded) -> Result<Settings> {
+    let fleet = args
+        .fleet
+        .clone()
+        .or(config.raw.fleet.clone())
+        .ok_or_else(|| crate::usage("no fleet name: give --fleet or set fleet in fleet.toml"))?;
+    if !release::is_valid_name(&fleet) {
+        return Err(crate::usage(format!("fleet name '{fleet}' is invalid")));
+    }
+    let flake = args.flake.clone().or(config.raw.flake.clone()).map_or_else(
+        || config.base.display().to_string(),
+        |f| {
+            // A relative path in the config file is relative to the file.
+            if args.flake.is_none() && (f.starts_with("./") || f == ".") {
+                config.resolve(f.as_ref()).display().to_string()
+            } else {
+                f
+            }
+        },
+    );
+    let key_paths: Vec<PathBuf> = if args.keys.is_empty() {
+        config.raw.keys.iter().map(|p| config.resolve(p)).collect()
+    } else {
+        args.keys.clone()
+    };
+    if key_paths.is_empty() {
+        return Err(crate::usage(
+            "no signing key: give --key or set keys in fleet.toml (make one with fleet-sign keygen)",
+        ));
+    }
+    let keys = key_paths
+        .iter()
+        .map(|p| keyfile::read_secret(p))
+        .collect::<Result<Vec<_>>>()?;
+    let mut trusted = args.trusted_keys.clone();
+    if trusted.is_empty() && config.raw.trusted_keys.is_empty() {
+        trusted = keys.iter().map(|k| k.public().to_string()).collect();
+    }
+    let trust = trust_policy(&trusted, args.threshold, &config)?;
+    let signing_trusted = keys
+        .iter()
+        .filter(|k| trust.keys().contains(&k.public()))
+        .count();
+    if signing_trusted < trust.threshold() {
+        return Err(crate::usage(format!(
+            "hosts need {} signatures from trusted keys but only {signing_trusted} of the \
+             signing keys are trusted: add --key for more keys",
+            trust.threshold()
+        )));
+    }
+    let cache = args
+        .cache
+        .clone()
+        .or(config.raw.cache.clone())
+        .ok_or_else(|| crate::usage("no binary cache: give --cache or set cache in fleet.toml"))?;
+    let cache_key_path =
+        args.cache_key
+            .clone()
+            .or(config.raw.cache_key.as_ref().map(|p| config.resolve(p)));
+    let cache_key = match cache_key_path {
+        Some(path) => {
+            let public = keyfile::read_secret(&path)?.public();
+            Some((path, public))
+        }
+        None => None,
+    };
+    let channel_texts = if args.channels.is_empty() {
+        &config.raw.channels
+    } else {
+        &args.channels
+    };
+    if channel_texts.is_empty() {
+        return Err(crate::usage(
+            "no channel to publish to: give --channel or set channels in fleet.toml",
+        ));
+    }
+    let channels = channel_texts
+        .iter()
+        .map(|c| Channel::parse(c).map_err(|e| crate::usage(format!("{e:#}"))))
+        .collect::<Result<Vec<_>>>()?;
+    let expires = args
+        .expires
+        .clone()
+        .or(config.raw.expires.clone())
+        .unwrap_or_else(|| DEFAULT_VALIDITY.into());
+    let validity = humantime::parse_duration(&expires)
+        .map_err(|e| crate::usage(format!("expiry '{expires}' is not a duration: {e}")))?;
+    if validity > MAX_VALIDITY || validity < Duration::from_secs(60) {
+        return Err(crate::usage(format!(
+            "expiry '{expires}' is outside 1m to 366d: a release valid longer lets a frozen \
+             channel go unnoticed (re-sign regularly instead)"
+        )));
+    }
+    let substituters = if args.substituters.is_empty() {
+        config.raw.substituters.clone()
+    } else {
+        args.substituters.clone()
+    };
+    Ok(Settings {
+        fleet,
+        flake,
+        keys,
+        trust,
+        cache,
+        cache_key,
+        substituters,
+        channels,
+        validity,
+        groups: config.raw.groups,
+        hosts: config.raw.hosts,
+    })
+}
+
+/// Resolves `--on` (names and @groups) against the flake's hosts.
+fn select_hosts(
+    on: &[String],
+    all: &[String],
+    groups: &BTreeMap<String, Vec<String>>,
+) -> Result<Vec<String>> {
+    if on.is_empty() {
+        return Ok(all.to_vec());
+    }
+    let mut chosen = BTreeSet::new();
+    for item in on.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let names: Vec<String> = match item.strip_prefix('@') {
+            Some(group) => groups.get(group).cloned().ok_or_else(|| {
+                let known: Vec<&str> = groups.keys().map(String::as_str).collect();
+                crate::usage(format!(
+                    "unknown group '@{group}' in --on (groups in fleet.toml: {})",
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            })?,
+            None => vec![item.to_owned()],
+        };
+        for name in names {
+            if !all.contains(&name) {
+                return Err(crate::usage(format!(
+                    "unknown host '{name}' in --on: the flake's nixosConfigurations are {}",
+                    all.join(", ")
+                )));
+            }
+            chosen.insert(name);
+        }
+    }
+    Ok(chosen.into_iter().collect())
+}
+
+/// The newest verified release among the channels, if any.
+fn current_release(settings: &Settings) -> Result<Option<(Release, Accepted)>> {
+    let mut newest: Option<(Release, Accepted)> = None;
+    for channel in &settings.channels {
+        let Some(published) = channel
+            .read()
+            .with_context(|| format!("could not read the current release from {channel}"))?
+        else {
+            continue;
+        };
+        // Expiry does not matter for a release about to be replaced: check at time 0.
+        let context = VerifyContext {
+            fleet: settings.fleet.clone(),
+            now: 0,
+            floor: None,
+        };
+        let verified = release::verify(
+            &published.document,
+            &published.signatures,
+            &settings.trust,
+            &context,
+        )
+        .with_context(|| {
+            format!(
+                "the release now in {channel} does not verify with the trusted keys: refusing to \
+                 build on it (inspect it with fleet-sign verify --from {channel})"
+            )
+        })?;
+        let accepted = Accepted {
+            serial: verified.serial(),
+            digest: verified.digest(),
+        };
+        if newest
+            .as_ref()
+            .is_none_or(|(_, a)| a.serial < accepted.serial)
+        {
+            newest = Some((verified.release().clone(), accepted));
+        }
+    }
+    Ok(newest)
+}
+
+fn with_secret_key(cache: &str, key: &std::path::Path) -> String {
+    let separator = if cache.contains('?') { '&' } else { '?' };
+    format!("{cache}{separator}secret-key={}", key.display())
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let config = Loaded::load(args.config.as_deref())?;
+    let settings = settings(&args, config)?;
+    let started = now();
+
+    eprintln!(
+        "reading the current release from {} channel(s)",
+        settings.channels.len()
+    );
+    let previous = current_release(&settings)?;
+    let serial = match (args.serial, &previous) {
+        (Some(serial), Some((_, accepted))) if serial <= accepted.serial => {
+            return Err(crate::usage(format!(
+                "serial {serial} does not grow: the channels already hold serial {} (hosts \
+                 refuse anything not above it)",
+                accepted.serial
+            )))
+        }
+        (Some(0), None) => return Err(crate::usage("serial must be at least 1")),
+        (Some(serial), _) => serial,
+        (None, Some((_, accepted))) => accepted.serial + 1,
+        (None, None) => 1,
+    };
+    if let Some((release, _)) = &previous {
+        if started < release.issued_at {
+            return Err(crate::usage(format!(
+                "this machine's clock ({}) is behind the current release's issue time ({}): \
+                 fix the clock first, hosts would see the new release as expired",
+                rfc3339(started),
+                rfc3339(release.issued_at)
+            )));
+        }
+    }
+
+    let source = nix::flake_source(&settings.flake)
+        .with_context(|| format!("could not read flake '{}'", settings.flake))?;
+    if source.revision.is_none() && !args.allow_dirty {
+        return Err(crate::usage(format!(
+            "flake '{}' has uncommitted changes or is not in git: commit them, or pass \
+             --allow-dirty to release without a source commit",
+            settings.flake
+        )));
+    }
+    let all_hosts = nix::list_hosts(&source.locked_url)?;
+    let chosen = select_hosts(&args.on, &all_hosts, &settings.groups)?;
+    if chosen.is_empty() {
+        return Err(crate::usage(format!(
+            "flake '{}' has no nixosConfigurations",
+            settings.flake
+        )));
+    }
+    for host in &all_hosts {
+        if !release::is_valid_name(host) {
+            return Err(crate::usage(format!(
+                "host name '{host}' cannot be used in a release: use letters, digits and '.-_'"
+            )));
+        }
+    }
+
+    eprintln!("building {} host(s): {}", chosen.len(), chosen.join(", "));
+    let built = nix::build_toplevels(&source.locked_url, &chosen)?;
+    for (host, path) in &built {
+        eprintln!("  built {host:<20} {path}");
+    }
+    let paths: Vec<String> = built.values().cloned().collect();
+
+    eprintln!("copying {} closure(s) to {}", paths.len(), settings.cache);
+    let upload = match &settings.cache_key {
+        Some((key, _)) => with_secret_key(&settings.cache, key),
+        None => settings.cache.clone(),
+    };
+    nix::copy_to(&upload, &paths)
+        .with_context(|| format!("could not copy the closures to {}", settings.cache))?;
+    match &settings.cache_key {
+        Some((_, public)) => nix::verify_in_store(&settings.cache, &[public.to_string()], &paths)
+            .with_context(|| {
+            format!(
+                "after the copy, {} does not hold every closure signed by cache key \
+                         '{}': refusing to publish a release hosts cannot substitute",
+                settings.cache,
+                public.name()
+            )
+        })?,
+        None => {
+            let found = nix::path_info(Some(&settings.cache), &paths)?;
+            if let Some(missing) = paths.iter().find(|p| !found.contains_key(*p)) {
+                bail!(
+                    "after the copy, {missing} is not in {}: refusing to publish",
+                    settings.cache
+                );
+            }
+            eprintln!(
+                "warning: no cache_key set: fleet-sign checked that the closures are in the \
+                 cache, not that they are signed"
+            );
+        }
+    }
+    let sizes = nix::path_info(None, &paths)?;
+
+    let mut hosts: BTreeMap<String, HostEntry> = BTreeMap::new();
+    if let Some((release, _)) = &previous {
+        for (name, entry) in &release.hosts {
+            if all_hosts.contains(name) {
+                hosts.insert(name.clone(), entry.clone());
+            } else {
+                eprintln!(
+                    "note: host '{name}' is no longer in the flake: dropped from the release"
+                );
+            }
+        }
+    }
+    for (name, path) in &built {
+        let toplevel = StorePath::parse(path)
+            .map_err(|e| anyhow::anyhow!("nix built something unexpected for '{name}': {e}"))?;
+        let old = hosts.remove(name);
+        hosts.insert(
+            name.clone(),
+            HostEntry {
+                toplevel,
+                wave: old.as_ref().and_then(|o| o.wave),
+                not_before: None,
+                report_key: old.and_then(|o| o.report_key),
+            },
+        );
+    }
+    for (name, entry) in hosts.iter_mut() {
+        if let Some(config) = settings.hosts.get(name) {
+            if let Some(key) = &config.report_key {
+                PublicKey::parse(key).map_err(|e| {
+                    crate::usage(format!("report_key of host '{name}' in fleet.toml: {e}"))
+                })?;
+                entry.report_key = Some(key.clone());
+            }
+            entry.wave = config.wave.or(entry.wave);
+        }
+    }
+    if hosts.len() < all_hosts.len() {
+        let missing: Vec<&str> = all_hosts
+            .iter()
+            .filter(|h| !hosts.contains_key(*h))
+            .map(String::as_str)
+            .collect();
+        eprintln!(
+            "note: {} host(s) have no entry yet and will refuse this release: {}",
+            missing.len(),
+            missing.join(", ")
+        );
+    }
+
+    let document = Release {
+        format: FORMAT_VERSION,
+        fleet: settings.fleet.clone(),
+        serial,
+        issued_at: started,
+        expires: started + settings.validity.as_secs(),
+        source: Source {
+            repo: source.url.clone(),
+            commit: source.revision.clone(),
+        },
+        substituters: settings.substituters.clone(),
+        hosts,
+    };
+    document
+        .validate()
+        .map_err(|e| crate::usage(format!("the release would be invalid: {e}")))?;
+    let mut bytes = serde_json::to_vec_pretty(&document)?;
+    bytes.push(b'\n');
+    let message = signed_message(&bytes);
+    let signatures = SignatureFile {
+        signatures: settings
+            .keys
+            .iter()
+            .map(|key| Signature {
+                key_name: key.name().to_owned(),
+                bytes: key.sign(&message),
+            })
+            .collect(),
+        junk_lines: 0,
+    };
+    let published = Published {
+        document: bytes,
+        signatures: signatures.render().into_bytes(),
+    };
+    // Check the result exactly as a host would before anyone can see it.
+    release::verify(
+        &published.document,
+        &published.signatures,
+        &settings.trust,
+        &VerifyContext {
+            fleet: settings.fleet.clone(),
+            now: started,
+            floor: previous.as_ref().map(|(_, a)| *a),
+        },
+    )
+    .context("the new release does not verify: nothing was published")?;
+
+    let commit_message = format!(
+        "fleet {} release {serial}\n\nsource: {} at {}\nhosts: {}\n",
+        settings.fleet,
+        source.url,
+        source.revision.as_deref().unwrap_or("(uncommitted tree)"),
+        built.keys().cloned().collect::<Vec<_>>().join(", "),
+    );
+    let mut published_to = Vec::new();
+    for channel in &settings.channels {
+        let place = channel
+            .publish(&published, &commit_message)
+            .with_context(|| format!("could not publish to {channel}"))?;
+        eprintln!("published release {serial} to {channel} ({place})");
+        published_to.push(channel.to_string());
+    }
+
+    let rows: Vec<(String, String, u64)> = built
+        .iter()
+        .map(|(host, path)| {
+            let size = sizes.get(path).and_then(|i| i.closure_size).unwrap_or(0);
+            (host.clone(), path.clone(), size)
+        })
+        .collect();
+    if args.json {
+        let hosts: Vec<_> = rows
+            .iter()
+            .map(|(host, path, size)| {
+                serde_json::json!({"host": host, "toplevel": path, "closure_size": size})
+            })
+            .collect();
+        let out = serde_json::json!({
+            "fleet": settings.fleet,
+            "serial": serial,
+            "expires": document.expires,
+            "digest": release::Digest::of(&published.document).to_string(),
+            "channels": published_to,
+            "built": hosts,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "release {serial} of fleet '{}', valid until {}",
+            settings.fleet,
+            rfc3339(document.expires)
+        );
+        println!("{:<20} {:<72} {:>10}", "HOST", "STORE PATH", "CLOSURE");
+        for (host, path, size) in &rows {
+            println!("{host:<20} {path:<72} {:>10}", human_size(*size));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selects_names_and_groups() {
+        let all: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let groups = BTreeMap::from([("pair".to_owned(), vec!["a".to_owned(), "c".to_owned()])]);
+        let on = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(select_hosts(&[], &all, &groups).unwrap(), all);
+        assert_eq!(
+            select_hosts(&on(&["@pair", "a"]), &all, &groups).unwrap(),
+            on(&["a", "c"])
+        );
+        let err = select_hosts(&on(&["d"]), &all, &groups).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown host 'd' in --on: the flake's nixosConfigurations are a, b, c"
+        );
+        assert!(select_hosts(&on(&["@nope"]), &all, &groups).is_err());
+    }
+
+    #[test]
+    fn formats_sizes() {
+        assert_eq!(human_size(656), "656 B");
+        assert_eq!(human_size(3 * 1024 * 1024 + 512 * 1024), "3.5 MiB");
+    }
+}

@@ -1,0 +1,113 @@
+//! The workstation config, `fleet.toml`: what `fleet-sign release` would otherwise need as flags.
+//!
+//! Parsed in two stages: [`RawConfig`] mirrors the file (unknown keys are errors), then
+//! command-line flags override it. Relative paths are relative to the file's directory.
+//!
+//! ```toml
+//! fleet = "home"
+//! flake = "."
+//! keys = ["keys/ops1.sec"]
+//! threshold = 1
+//! cache = "file:///srv/nix-cache"
+//! cache_key = "keys/cache.sec"
+//! substituters = ["https://cache.example.org"]
+//! channels = ["git+ssh://git@git.example.org/fleet.git#fleet-release", "/srv/www/fleet"]
+//! expires = "30d"
+//!
+//! [groups]
+//! routers = ["router1", "router2"]
+//!
+//! [hosts.router1]
+//! report_key = "router1:49SIOpjnGSp5r+SsncgIRf6j4OKvy4m67GEJc2oWQ3s="
+//! wave = 0
+//! ```
+
+use anyhow::{Context as _, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The fleet (or channel) name every release is for.
+    pub fleet: Option<String>,
+    /// The flake holding `nixosConfigurations`; default: the config file's directory.
+    pub flake: Option<String>,
+    /// Secret release keys to sign with (files of mode 0600).
+    #[serde(default)]
+    pub keys: Vec<PathBuf>,
+    /// Public keys the hosts trust, used to check the release already in a channel before
+    /// building on it; default: the public halves of `keys`.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// How many trusted keys must sign a release; default 1.
+    pub threshold: Option<usize>,
+    /// The binary cache closures are copied to: anything `nix copy --to` takes.
+    pub cache: Option<String>,
+    /// The secret key the cache signs closures with (a file of mode 0600).
+    pub cache_key: Option<PathBuf>,
+    /// Substituter URLs written into the release as hints for hosts (never trust keys).
+    #[serde(default)]
+    pub substituters: Vec<String>,
+    /// Channels to publish to: directories and `git+<url>[#<ref>]` remotes.
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// How long a release stays valid, e.g. "30d" or "12h"; at most 366 days.
+    pub expires: Option<String>,
+    /// Named groups of hosts, used as `--on @name`.
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Per-host settings.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, RawHost>,
+}
+
+/// Settings of one host.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHost {
+    /// The host's report key, as `fleet-agent identity` prints it.
+    pub report_key: Option<String>,
+    /// The rollout wave: 0 goes first.
+    pub wave: Option<u32>,
+}
+
+/// Where the config file sits; paths in it are relative to this.
+pub struct Loaded {
+    pub raw: RawConfig,
+    pub base: PathBuf,
+}
+
+impl Loaded {
+    /// Reads `path`, or `fleet.toml` in the current directory if it exists, or nothing.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let default = Path::new("fleet.toml");
+        let path = match path {
+            Some(path) => path,
+            None if default.exists() => default,
+            None => {
+                return Ok(Self {
+                    raw: RawConfig::default(),
+                    base: PathBuf::from("."),
+                })
+            }
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("could not read config file {}", path.display()))?;
+        let raw: RawConfig = toml::from_str(&text)
+            .map_err(|e| crate::usage(format!("config file {}: {e}", path.display())))?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        Ok(Self { raw, base })
+    }
+
+    /// A path from the file, made relative to the file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        self.base.join(path)
+    }
+}

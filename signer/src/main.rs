@@ -1,0 +1,82 @@
+//! `fleet-sign`: the operator's side of fleet: keys, building, signing and publishing releases.
+//!
+//! Exit codes (also in docs/fleet-sign.md):
+//!
+//! | code | meaning |
+//! |------|---------|
+//! | 0 | success |
+//! | 1 | an operation failed: nix, git, network or file system; retrying may help |
+//! | 2 | usage or configuration error, or a refusal that needs a person (fix the input) |
+//! | 3 | a release was refused by verification (bad signature, expired, wrong fleet, …) |
+
+mod channel;
+mod command;
+mod config;
+mod git;
+mod keyfile;
+mod nix;
+mod process;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "fleet-sign",
+    version,
+    about = "Sign and publish releases for a NixOS fleet"
+)]
+struct Cli {
+    /// Print every command run (nix, git) to stderr.
+    #[arg(long, short, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Keygen(command::keygen::Args),
+    Release(command::release::Args),
+    Verify(command::verify::Args),
+}
+
+/// A mistake in what the user asked for: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+/// Wraps a message as a [`UsageError`].
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    UsageError(message.into()).into()
+}
+
+fn exit_code(error: &anyhow::Error) -> u8 {
+    if error
+        .chain()
+        .any(|e| e.is::<fleet_agent::release::VerifyError>())
+    {
+        3
+    } else if error.chain().any(|e| e.is::<UsageError>()) {
+        2
+    } else {
+        1
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    process::set_verbose(cli.verbose);
+    let result = match cli.command {
+        Command::Keygen(args) => command::keygen::run(args),
+        Command::Release(args) => command::release::run(args),
+        Command::Verify(args) => command::verify::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("fleet-sign: error: {error:#}");
+            ExitCode::from(exit_code(&error))
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Everything the signer asks of Nix: list hosts, build toplevels, copy and check closures.
+//!
+//! Only this module runs `nix`. It uses CLI features present from Nix 2.8 (Debian 12) to
+//! current releases: `nix build --json` (never `--print-out-paths`), and
+//! `--extra-experimental-features` on every call so no global Nix configuration is needed.
+//! `nix path-info --json` printed a list before Nix 2.19 and an object keyed by path since;
+//! both are read.
+
+use crate::process::{self, ProcessError};
+use anyhow::{bail, Context as _, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::process::Command;
+
+fn nix() -> Command {
+    let mut command = Command::new("nix");
+    command.args(["--extra-experimental-features", "nix-command flakes"]);
+    command
+}
+
+fn json<T: for<'de> Deserialize<'de>>(command: Command, what: &str) -> Result<T> {
+    let stdout = process::run(command)?;
+    serde_json::from_slice(&stdout).with_context(|| format!("could not read the output of {what}"))
+}
+
+/// Where a flake came from, as `nix flake metadata` reports it.
+#[derive(Debug, Clone)]
+pub struct FlakeSource {
+    /// The resolved flake URL without a revision, e.g. `git+file:///srv/fleet`.
+    pub url: String,
+    /// The locked URL to build from, pinned to the commit when there is one.
+    pub locked_url: String,
+    /// The git commit, or `None` for a dirty tree or a non-git flake.
+    pub revision: Option<String>,
+}
+
+/// Resolves a flake reference to its source and commit.
+pub fn flake_source(flake: &str) -> Result<FlakeSource> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Metadata {
+        resolved_url: Option<String>,
+        original_url: Option<String>,
+        url: String,
+        revision: Option<String>,
+    }
+    let mut command = nix();
+    command.args(["flake", "metadata", "--json", flake]);
+    let metadata: Metadata = json(command, "nix flake metadata")?;
+    Ok(FlakeSource {
+        url: metadata
+            .resolved_url
+            .or(metadata.original_url)
+            .unwrap_or_else(|| metadata.url.clone()),
+        locked_url: metadata.url,
+        revision: metadata.revision,
+    })
+}
+
+/// Names of the flake's `nixosConfigurations`.
+pub fn list_hosts(flake: &str) -> Result<Vec<String>> {
+    let mut command = nix();
+    command.args([
+        "eval",
+        "--json",
+        &format!("{flake}#nixosConfigurations"),
+        "--apply",
+        "builtins.attrNames",
+    ]);
+    json(command, "nix eval of nixosConfigurations")
+        .with_context(|| format!("could not list nixosConfigurations of flake '{flake}'"))
+}
+
+/// The installable of one host's system.
+pub fn toplevel_attr(flake: &str, host: &str) -> String {
+    format!("{flake}#nixosConfigurations.\"{host}\".config.system.build.toplevel")
+}
+
+/// Builds (or substitutes) each host's toplevel; returns host -> store path.
+pub fn build_toplevels(flake: &str, hosts: &[String]) -> Result<BTreeMap<String, String>> {
+    #[derive(Deserialize)]
+    struct Built {
+        outputs: BTreeMap<String, String>,
+    }
+    let mut command = nix();
+    command.args(["build", "--json", "--no-link"]);
+    command.args(hosts.iter().map(|h| toplevel_attr(flake, h)));
+    let built: Vec<Built> = json(command, "nix build")?;
+    if built.len() != hosts.len() {
+        bail!(
+            "nix build returned {} results for {} hosts",
+            built.len(),
+            hosts.len()
+        );
+    }
+    hosts
+        .iter()
+        .zip(built)
+        .map(|(host, b)| {
+            let out = b
+                .outputs
+                .get("out")
+                .with_context(|| format!("nix build gave no 'out' output for host '{host}'"))?;
+            Ok((host.clone(), out.clone()))
+        })
+        .collect()
+}
+
+/// What `nix path-info --json` says of one path.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathInfo {
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub closure_size: Option<u64>,
+}
+
+/// Path info from `store` (None: the local store), with closure sizes.
+pub fn path_info(store: Option<&str>, paths: &[String]) -> Result<BTreeMap<String, PathInfo>> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Listing {
+        List(Vec<PathInfo>),
+        Map(BTreeMap<String, Option<PathInfo>>),
+    }
+    let mut command = nix();
+    command.args(["path-info", "--json", "--closure-size"]);
+    if let Some(store) = store {
+        command.args(["--store", store]);
+    }
+    command.args(paths);
+    let listing: Listing = json(command, "nix path-info")?;
+    Ok(match listing {
+        Listing::List(infos) => infos
+            .into_iter()
+            .filter_map(|i| Some((i.path.clone()?, i)))
+            .collect(),
+        Listing::Map(map) => map
+            .into_iter()
+            .filter_map(|(path, info)| Some((path, info?)))
+            .collect(),
+    })
+}
+
+/// Copies the closures of `paths` to the binary cache at `to` (anything `nix copy --to` takes).
+pub fn copy_to(to: &str, paths: &[String]) -> Result<(), ProcessError> {
+    let mut command = nix();
+    command.args(["copy", "--to", to]);
+    command.args(paths);
+    process::run(command).map(drop)
+}
+
+/// Checks that the whole closure of each path is in `store` and signed by one of `keys`.
+pub fn verify_in_store(store: &str, keys: &[String], paths: &[String]) -> Result<(), ProcessError> {
+    let mut command = nix();
+    command.args([
+        "store",
+        "verify",
+        "--recursive",
+        "--no-contents",
+        "--store",
+        store,
+    ]);
+    command.args(["--trusted-public-keys", &keys.join(" ")]);
+    command.args(paths);
+    process::run(command).map(drop)
+}

@@ -1,0 +1,111 @@
+//! The one subprocess helper: every `nix` and `git` the signer runs goes through [`run`].
+//!
+//! It logs the command line when verbose, captures stdout and stderr, and on failure returns a
+//! [`ProcessError`] that shows the command, its exit status or signal, and the tail of stderr.
+
+use std::ffi::OsStr;
+use std::io::Write as _;
+use std::os::unix::process::ExitStatusExt as _;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static VERBOSE: AtomicBool = AtomicBool::new(false);
+
+/// Turns on logging of every command line to stderr.
+pub fn set_verbose(on: bool) {
+    VERBOSE.store(on, Ordering::Relaxed);
+}
+
+/// How many trailing lines of stderr an error shows.
+const STDERR_TAIL_LINES: usize = 20;
+
+/// A command that could not run or did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("could not start `{command}`: {source} (is it installed and on PATH?)")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` {status}{}", tail(.stderr))]
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+fn tail(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.trim_end().lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let start = lines.len().saturating_sub(STDERR_TAIL_LINES);
+    format!(":\n  {}", lines[start..].join("\n  "))
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        (None, None) => "failed".into(),
+    }
+}
+
+/// Renders a command line for logs and errors.
+pub fn command_line(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|a: &OsStr| {
+            let a = a.to_string_lossy();
+            if a.is_empty() || a.contains([' ', '"', '\'', '\n']) {
+                format!("{a:?}")
+            } else {
+                a.into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `command` with `stdin` as its input and returns its stdout when it exits 0.
+pub fn run_with_input(mut command: Command, stdin: &[u8]) -> Result<Vec<u8>, ProcessError> {
+    let line = command_line(&command);
+    if VERBOSE.load(Ordering::Relaxed) {
+        eprintln!("+ {line}");
+    }
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
+        command: line.clone(),
+        source,
+    })?;
+    let mut input = child.stdin.take().expect("stdin is piped");
+    let input_bytes = stdin.to_vec();
+    // Write from a thread so a child that fills its stdout pipe before reading cannot deadlock.
+    let writer = std::thread::spawn(move || input.write_all(&input_bytes));
+    let output = child
+        .wait_with_output()
+        .map_err(|source| ProcessError::Spawn {
+            command: line.clone(),
+            source,
+        })?;
+    // A child that exits without reading its input is judged by its exit status alone.
+    let _ = writer.join();
+    if output.status.success() {
+        Ok(output.stdout)
+    } else {
+        Err(ProcessError::Failed {
+            command: line,
+            status: describe(output.status),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+}
+
+/// Runs `command` with empty input and returns its stdout when it exits 0.
+pub fn run(command: Command) -> Result<Vec<u8>, ProcessError> {
+    run_with_input(command, &[])
+}

@@ -1,1 +1,3 @@
-fn main() {}
+//! The integration test binary: real Nix, real git, real HTTP on loopback.
+
+mod release;

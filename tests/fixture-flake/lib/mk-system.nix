@@ -1,0 +1,29 @@
+# The host factory: turns one inventory entry into something shaped like a NixOS system, with a
+# toplevel built by /bin/sh (no nixpkgs is reachable in tests). The toplevel holds what the agent
+# looks at: bin/switch-to-configuration, nixos-version, kernel, initrd.
+{ name, system, type ? "server", version ? "1", behaviour ? "ok", kernel ? "6.1.0" }:
+let
+  toplevel = derivation {
+    name = "nixos-system-${name}-${version}";
+    inherit system;
+    builder = "/bin/sh";
+    args = [ "-c" ''
+      set -e
+      /bin/mkdir -p $out/bin
+      /bin/cp ${./switch-to-configuration.sh} $out/bin/switch-to-configuration
+      /bin/chmod 555 $out/bin/switch-to-configuration
+      echo "${version}" > $out/nixos-version
+      echo "${behaviour}" > $out/behaviour
+      echo "${type}" > $out/host-type
+      echo "linux ${kernel}" > $out/kernel
+      echo "initrd ${kernel}" > $out/initrd
+    '' ];
+  };
+in
+{
+  config = {
+    networking.hostName = name;
+    nixpkgs.hostPlatform = system;
+    system.build.toplevel = toplevel;
+  };
+}

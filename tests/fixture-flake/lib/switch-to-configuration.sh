@@ -1,0 +1,35 @@
+#!/bin/sh
+# Fixture stand-in for NixOS's switch-to-configuration. It appends "<action> <toplevel>" to
+# $FLEET_FIXTURE_LOG, fails when the toplevel's behaviour says so or when the file
+# $FLEET_FIXTURE_CONTROL/fail-<action> exists, hangs on "hang", and points the links named by
+# $FLEET_FIXTURE_CURRENT (test, switch) and $FLEET_FIXTURE_BOOT (boot, switch) at its toplevel.
+action="$1"
+top="${0%/bin/switch-to-configuration}"
+read -r behaviour < "$top/behaviour"
+if [ -n "$FLEET_FIXTURE_LOG" ]; then
+    echo "$action $top" >> "$FLEET_FIXTURE_LOG"
+fi
+if [ -n "$FLEET_FIXTURE_CONTROL" ] && [ -e "$FLEET_FIXTURE_CONTROL/fail-$action" ]; then
+    echo "switch-to-configuration: told to fail $action" >&2
+    exit 1
+fi
+case "$behaviour:$action" in
+    fail:test | fail:switch)
+        echo "switch-to-configuration: this system fails to activate" >&2
+        exit 1
+        ;;
+    hang:test | hang:switch)
+        while :; do sleep 1; done
+        ;;
+esac
+case "$action" in
+    test | switch)
+        [ -n "$FLEET_FIXTURE_CURRENT" ] && ln -sfn "$top" "$FLEET_FIXTURE_CURRENT"
+        ;;
+esac
+case "$action" in
+    boot | switch)
+        [ -n "$FLEET_FIXTURE_BOOT" ] && ln -sfn "$top" "$FLEET_FIXTURE_BOOT"
+        ;;
+esac
+exit 0

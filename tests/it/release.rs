@@ -1,0 +1,346 @@
+//! `fleet-sign keygen / release / verify` end to end against real Nix, git and HTTP.
+
+use fleet_tests::fixture::FixtureFleet;
+use fleet_tests::git::{bare_repo, GitDaemon};
+use fleet_tests::http::{HttpServer, Mode};
+use fleet_tests::nix::{ChrootStore, NixKey};
+use fleet_tests::{command, run, Run, TestDir};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+/// One operator's setup: a fixture fleet, a release key, a cache key, a cache directory served
+/// over HTTP, a directory channel and a bare git remote.
+struct Operator {
+    dir: TestDir,
+    fleet: FixtureFleet,
+    release_key: PathBuf,
+    cache_key: NixKey,
+    cache_dir: PathBuf,
+    channel_dir: PathBuf,
+    git_remote: PathBuf,
+}
+
+impl Operator {
+    fn new(hosts: &[&str]) -> Self {
+        let dir = TestDir::new();
+        let fleet = FixtureFleet::new(dir.join("fleet"), hosts);
+        let release_key = dir.join("ops1.sec");
+        let mut keygen = command("fleet-sign");
+        keygen.args(["keygen", "ops1", "--out"]).arg(&release_key);
+        run(keygen).ok();
+        let cache_key = NixKey::generate(dir.path(), "cache-1");
+        let git_remote = bare_repo(&dir.join("remotes/fleet.git"));
+        Self {
+            cache_dir: dir.join("cache"),
+            channel_dir: dir.join("www"),
+            release_key,
+            cache_key,
+            git_remote,
+            fleet,
+            dir,
+        }
+    }
+
+    fn release_key_pub(&self) -> String {
+        std::fs::read_to_string(self.release_key.with_extension("sec.pub"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    fn git_channel(&self) -> String {
+        format!("git+file://{}", self.git_remote.display())
+    }
+
+    /// `fleet-sign release` with this operator's settings and `extra` flags.
+    fn release(&self, extra: &[&str]) -> Run {
+        let channels = [self.git_channel(), self.channel_dir.display().to_string()];
+        self.release_with(&[&self.release_key], &channels, extra)
+    }
+
+    /// `fleet-sign release` signed by `keys`, publishing to `channels`.
+    fn release_with(&self, keys: &[&Path], channels: &[String], extra: &[&str]) -> Run {
+        let mut c = command("fleet-sign");
+        c.arg("release")
+            .args(["--fleet", "home", "--flake", &self.fleet.flake_ref()])
+            .arg("--cache")
+            .arg(format!("file://{}", self.cache_dir.display()))
+            .arg("--cache-key")
+            .arg(&self.cache_key.secret);
+        for key in keys {
+            c.arg("--key").arg(key);
+        }
+        for channel in channels {
+            c.args(["--channel", channel]);
+        }
+        c.args(extra);
+        run(c)
+    }
+
+    fn verify(&self, from: &str, extra: &[&str]) -> Run {
+        let mut c = command("fleet-sign");
+        c.args(["verify", "--from", from, "--key", &self.release_key_pub()])
+            .args(extra);
+        run(c)
+    }
+
+    fn published(&self) -> serde_json::Value {
+        let bytes = std::fs::read(self.channel_dir.join("release.json")).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+}
+
+fn json(run: &Run) -> serde_json::Value {
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{run}"))
+}
+
+#[test]
+fn release_round_trip_through_git_daemon_and_http_directory() {
+    let op = Operator::new(&["router1", "pi1", "vps1"]);
+    let out = op.release(&["--json"]);
+    out.ok();
+    let summary = json(&out);
+    assert_eq!(summary["serial"], 1);
+    assert_eq!(summary["built"].as_array().unwrap().len(), 3);
+
+    // The document names each host's real toplevel and the commit it was built from.
+    let doc = op.published();
+    for host in ["router1", "pi1", "vps1"] {
+        assert_eq!(
+            doc["hosts"][host]["toplevel"],
+            op.fleet.build(host),
+            "{host}"
+        );
+    }
+    assert_eq!(doc["source"]["commit"], op.fleet.head());
+    assert_eq!(doc["fleet"], "home");
+
+    // Served over loopback HTTP: verify fetches exactly the two files.
+    let www = HttpServer::serve(&op.channel_dir);
+    let out = op.verify(&www.url(), &["--fleet", "home", "--host", "pi1", "--json"]);
+    out.ok();
+    let verified = json(&out);
+    assert_eq!(verified["ok"], true);
+    assert_eq!(verified["signed_by"], serde_json::json!(["ops1"]));
+    assert_eq!(verified["release"]["serial"], 1);
+    assert_eq!(www.requests(), ["/release.json", "/release.json.sig"]);
+
+    // The same release through git daemon over loopback.
+    let daemon = GitDaemon::serve(&op.dir.join("remotes"));
+    let out = op.verify(&format!("git+{}", daemon.url("fleet.git")), &["--json"]);
+    out.ok();
+    assert_eq!(json(&out)["digest"], verified["digest"]);
+
+    // A second release, pushed through git daemon this time, takes the next serial.
+    let daemon_channel = format!("git+{}", daemon.url("fleet.git"));
+    op.release_with(&[&op.release_key], &[daemon_channel], &[])
+        .ok();
+    let out = op.verify(&op.git_channel(), &["--json"]);
+    out.ok();
+    assert_eq!(json(&out)["release"]["serial"], 2);
+}
+
+#[test]
+fn key_from_nix_store_generate_binary_cache_key_signs_and_verifies() {
+    let op = Operator::new(&["a"]);
+    let nix_key = NixKey::generate(op.dir.path(), "ops-nix-1");
+    let channels = [op.channel_dir.display().to_string()];
+    op.release_with(&[&nix_key.secret], &channels, &[]).ok();
+    let mut c = command("fleet-sign");
+    c.args(["verify", "--from"])
+        .arg(&op.channel_dir)
+        .arg("--key")
+        .arg(&nix_key.public);
+    run(c).ok();
+    // The fleet-sign key alone was not used this time: it must not verify the release.
+    op.verify(op.channel_dir.to_str().unwrap(), &[])
+        .fails_with(3, "not a trusted key");
+}
+
+#[test]
+fn closures_land_in_the_cache_and_substitute_only_with_the_right_key() {
+    let op = Operator::new(&["a", "b"]);
+    op.release(&[]).ok();
+    let cache = HttpServer::serve(&op.cache_dir);
+    let wrong = NixKey::generate(op.dir.path(), "other-cache");
+    for host in ["a", "b"] {
+        let toplevel = op.fleet.build(host);
+        let hash = &toplevel["/nix/store/".len()..][..32];
+        let narinfo = std::fs::read_to_string(op.cache_dir.join(format!("{hash}.narinfo")))
+            .unwrap_or_else(|_| panic!("no narinfo for {host} in the cache"));
+        assert!(narinfo.contains("Sig: cache-1:"), "{narinfo}");
+
+        let store = ChrootStore::new(op.dir.join(format!("host-{host}-wrong")));
+        store
+            .copy_from(&cache.url(), &[wrong.public_key()], &toplevel)
+            .fails_with(1, "lacks a valid signature");
+        assert!(!store.has(&toplevel));
+
+        let store = ChrootStore::new(op.dir.join(format!("host-{host}")));
+        store
+            .copy_from(&cache.url(), &[op.cache_key.public_key()], &toplevel)
+            .ok();
+        assert!(store.has(&toplevel));
+    }
+    assert!(!cache.requests_matching(".narinfo").is_empty());
+}
+
+#[test]
+fn partial_release_carries_other_hosts_and_takes_next_serial() {
+    let mut op = Operator::new(&["a", "b"]);
+    op.release(&[]).ok();
+    let first = op.published();
+    op.fleet.set("b", |h| h.version = "2".into());
+    op.fleet.commit("b: version 2");
+    op.release(&["--on", "b"]).ok();
+    let second = op.published();
+    assert_eq!(second["serial"], 2);
+    assert_eq!(second["hosts"]["a"], first["hosts"]["a"]);
+    assert_ne!(second["hosts"]["b"], first["hosts"]["b"]);
+    assert_eq!(second["hosts"]["b"]["toplevel"], op.fleet.build("b"));
+    assert_eq!(second["source"]["commit"], op.fleet.head());
+    // The git channel got the same bytes.
+    op.verify(&op.git_channel(), &["--json"]).ok();
+    let git_doc = json(&op.verify(&op.git_channel(), &["--json"]));
+    assert_eq!(git_doc["release"], second);
+}
+
+#[test]
+fn refusals_publish_nothing() {
+    let op = Operator::new(&["a"]);
+    op.release(&[]).ok();
+    let before = std::fs::read(op.channel_dir.join("release.json")).unwrap();
+
+    op.release(&["--serial", "1"])
+        .fails_with(2, "serial 1 does not grow");
+    op.release(&["--on", "nope"])
+        .fails_with(2, "unknown host 'nope' in --on");
+    op.release(&["--on", "@routers"])
+        .fails_with(2, "unknown group '@routers'");
+    op.release(&["--expires", "400d"])
+        .fails_with(2, "outside 1m to 366d");
+
+    std::fs::set_permissions(&op.release_key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    op.release(&[]).fails_with(2, "readable by group or others");
+    std::fs::set_permissions(&op.release_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let inventory = op.fleet.dir.join("inventory.nix");
+    let committed = std::fs::read_to_string(&inventory).unwrap();
+    std::fs::write(&inventory, format!("{committed}# an uncommitted edit\n")).unwrap();
+    op.release(&[]).fails_with(2, "uncommitted changes");
+    std::fs::write(&inventory, committed).unwrap();
+
+    assert_eq!(
+        std::fs::read(op.channel_dir.join("release.json")).unwrap(),
+        before
+    );
+    op.verify(&op.git_channel(), &["--json"]).ok();
+    assert_eq!(
+        json(&op.verify(&op.git_channel(), &["--json"]))["release"]["serial"],
+        1
+    );
+}
+
+#[test]
+fn closure_not_signed_by_the_cache_key_after_the_push_is_refused() {
+    let op = Operator::new(&["a"]);
+    // The cache already holds the closure, signed by another key: nix copy skips it, so the
+    // cache never gets a signature by cache-1.
+    let other = NixKey::generate(op.dir.path(), "old-cache");
+    let mut c = fleet_tests::nix::nix();
+    c.args(["copy", "--to"])
+        .arg(format!(
+            "file://{}?secret-key={}",
+            op.cache_dir.display(),
+            other.secret.display()
+        ))
+        .arg(op.fleet.build("a"));
+    run(c).ok();
+    op.release(&[]).fails_with(
+        1,
+        "does not hold every closure signed by cache key 'cache-1'",
+    );
+    assert!(!op.channel_dir.join("release.json").exists());
+}
+
+#[test]
+fn tampered_channel_is_refused_by_verify_and_by_the_next_release() {
+    let op = Operator::new(&["a"]);
+    op.release(&[]).ok();
+    let doc_path = op.channel_dir.join("release.json");
+    let original = std::fs::read(&doc_path).unwrap();
+    let tampered = String::from_utf8(original.clone())
+        .unwrap()
+        .replace("\"serial\": 1", "\"serial\": 9");
+    std::fs::write(&doc_path, tampered).unwrap();
+
+    let out = op.verify(op.channel_dir.to_str().unwrap(), &["--json"]);
+    out.fails_with(3, "signature does not match");
+    assert_eq!(json(&out)["code"], "signature_invalid");
+    op.release(&[])
+        .fails_with(3, "does not verify with the trusted keys");
+    std::fs::write(&doc_path, &original).unwrap();
+
+    // The same checks against a hostile HTTP server.
+    let www = HttpServer::serve(&op.channel_dir);
+    www.set_mode(Mode::Tamper);
+    op.verify(&www.url(), &[]).fails_with(3, "refused");
+    www.set_mode(Mode::Truncate);
+    op.verify(&www.url(), &[]).fails_with(3, "refused");
+    www.set_mode(Mode::Status(500));
+    op.verify(&www.url(), &[]).fails_with(1, "HTTP 500");
+    www.set_mode(Mode::Endless);
+    op.verify(&www.url(), &[])
+        .fails_with(1, "larger than the limit");
+    www.set_mode(Mode::Normal);
+    op.verify(&www.url(), &[]).ok();
+}
+
+#[test]
+fn wrong_fleet_and_foreign_keys_are_refused_with_reason_codes() {
+    let op = Operator::new(&["a"]);
+    op.release(&[]).ok();
+    let from = op.channel_dir.to_str().unwrap().to_owned();
+    let out = op.verify(&from, &["--fleet", "lab", "--json"]);
+    out.fails_with(3, "fleet 'home'");
+    assert_eq!(json(&out)["code"], "wrong_fleet");
+    let out = op.verify(&from, &["--host", "ghost", "--json"]);
+    out.fails_with(3, "no entry for host 'ghost'");
+
+    let stranger = op.dir.join("stranger.sec");
+    let mut keygen = command("fleet-sign");
+    keygen.args(["keygen", "stranger", "--out"]).arg(&stranger);
+    let stranger_pub = run(keygen).stdout.trim().to_owned();
+    let mut c = command("fleet-sign");
+    c.args(["verify", "--from", &from, "--key", &stranger_pub, "--json"]);
+    let out = run(c);
+    out.fails_with(3, "not a trusted key");
+    assert_eq!(json(&out)["code"], "signature_untrusted");
+
+    // Two keys required, one signed.
+    let mut c = command("fleet-sign");
+    c.args(["verify", "--from", &from, "--key", &op.release_key_pub()])
+        .args(["--key", &stranger_pub, "--threshold", "2", "--json"]);
+    let out = run(c);
+    out.fails_with(3, "2 needed");
+    assert_eq!(json(&out)["code"], "below_threshold");
+}
+
+#[test]
+fn keygen_writes_a_private_key_and_refuses_to_overwrite() {
+    let dir = TestDir::new();
+    let path = dir.join("k.sec");
+    let mut c = command("fleet-sign");
+    c.args(["keygen", "ops-2026", "--out"]).arg(&path);
+    let out = run(c);
+    out.ok();
+    assert!(out.stdout.starts_with("ops-2026:"));
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let secret = std::fs::read_to_string(&path).unwrap();
+    assert!(secret.starts_with("ops-2026:"));
+    let mut c = command("fleet-sign");
+    c.args(["keygen", "ops-2026", "--out"]).arg(&path);
+    run(c).fails_with(2, "already exists");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), secret);
+}

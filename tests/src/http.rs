@@ -1,0 +1,188 @@
+//! A loopback HTTP server over a directory, with a request log and hostile modes.
+//!
+//! It serves binary caches and release directories to the code under test. The request log
+//! lets a test assert what was (and was not) fetched; [`Mode`] turns the server hostile for
+//! security tests: errors, endless or stalled bodies, truncated or tampered bytes.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How the server answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Serve files as they are.
+    Normal,
+    /// Answer every request with this status and no body.
+    Status(u16),
+    /// Answer 200 with a body that never ends.
+    Endless,
+    /// Answer 200, send a few bytes, then nothing for as long as the client waits.
+    Stall,
+    /// Serve only the first half of each file.
+    Truncate,
+    /// Flip one byte in the middle of each file.
+    Tamper,
+}
+
+struct Shared {
+    root: PathBuf,
+    mode: Mutex<Mode>,
+    log: Mutex<Vec<String>>,
+    stop: AtomicBool,
+}
+
+/// A running server; stops when dropped.
+pub struct HttpServer {
+    shared: Arc<Shared>,
+    server: Arc<tiny_http::Server>,
+    port: u16,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Serves `root` on 127.0.0.1 at a free port.
+    pub fn serve(root: &Path) -> Self {
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind loopback"));
+        let port = server.server_addr().to_ip().unwrap().port();
+        let shared = Arc::new(Shared {
+            root: root.to_path_buf(),
+            mode: Mutex::new(Mode::Normal),
+            log: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        });
+        let thread = {
+            let (server, shared) = (server.clone(), shared.clone());
+            std::thread::spawn(move || {
+                for request in server.incoming_requests() {
+                    if shared.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let shared = shared.clone();
+                    std::thread::spawn(move || respond(&shared, request));
+                }
+            })
+        };
+        Self {
+            shared,
+            server,
+            port,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.shared.mode.lock().unwrap() = mode;
+    }
+
+    /// Paths requested so far, in order (e.g. `/release.json`, `/nar/…`).
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.log.lock().unwrap().clone()
+    }
+
+    /// Requests whose path contains `needle`.
+    pub fn requests_matching(&self, needle: &str) -> Vec<String> {
+        self.requests()
+            .into_iter()
+            .filter(|p| p.contains(needle))
+            .collect()
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A body that never ends.
+struct Endless;
+
+impl Read for Endless {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        buf.fill(b'x');
+        Ok(buf.len())
+    }
+}
+
+/// A body that sends a few bytes, then stalls until the server stops.
+struct Stalled {
+    sent: bool,
+    shared: Arc<Shared>,
+}
+
+impl Read for Stalled {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !self.sent {
+            self.sent = true;
+            buf[0] = b'{';
+            return Ok(1);
+        }
+        // Bounded: give up after five minutes even if nobody stops the server.
+        for _ in 0..3000 {
+            if self.shared.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(0)
+    }
+}
+
+fn respond(shared: &Arc<Shared>, request: tiny_http::Request) {
+    let path = request.url().split('?').next().unwrap_or("/").to_owned();
+    shared.log.lock().unwrap().push(path.clone());
+    let mode = shared.mode.lock().unwrap().clone();
+    let result = match mode {
+        Mode::Status(code) => request.respond(tiny_http::Response::empty(code)),
+        Mode::Endless => request.respond(tiny_http::Response::new(
+            200.into(),
+            Vec::new(),
+            Endless,
+            None,
+            None,
+        )),
+        Mode::Stall => request.respond(tiny_http::Response::new(
+            200.into(),
+            Vec::new(),
+            Stalled {
+                sent: false,
+                shared: shared.clone(),
+            },
+            None,
+            None,
+        )),
+        Mode::Normal | Mode::Truncate | Mode::Tamper => {
+            let relative = path.trim_start_matches('/');
+            if relative.split('/').any(|part| part == "..") {
+                request.respond(tiny_http::Response::empty(400))
+            } else {
+                match std::fs::read(shared.root.join(relative)) {
+                    Ok(mut bytes) => {
+                        if mode == Mode::Truncate {
+                            bytes.truncate(bytes.len() / 2);
+                        } else if mode == Mode::Tamper && !bytes.is_empty() {
+                            let middle = bytes.len() / 2;
+                            bytes[middle] ^= 0x01;
+                        }
+                        request.respond(tiny_http::Response::from_data(bytes))
+                    }
+                    Err(_) => request.respond(tiny_http::Response::empty(404)),
+                }
+            }
+        }
+    };
+    // The client may hang up first (that is what several tests do): nothing to report.
+    let _ = result;
+}

@@ -1,3 +1,5 @@
 //! The integration test binary: real Nix, real git, real HTTP on loopback.
 
+mod agent;
+mod common;
 mod release;

@@ -18,9 +18,19 @@ pub struct Host {
     pub kernel: String,
 }
 
+/// A salt unique to this process and fleet, so no two tests share a store path.
+fn unique_salt(dir: &Path) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut hasher);
+    std::process::id().hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
+}
+
 /// A fixture fleet flake in a git repository of its own.
 pub struct FixtureFleet {
     pub dir: PathBuf,
+    salt: String,
     pub hosts: BTreeMap<String, Host>,
 }
 
@@ -61,7 +71,8 @@ impl FixtureFleet {
                 (name.to_string(), host)
             })
             .collect();
-        let fleet = Self { dir, hosts };
+        let salt = unique_salt(&dir);
+        let fleet = Self { dir, salt, hosts };
         run({
             let mut c = git(&fleet.dir);
             c.args(["init", "--quiet", "--initial-branch=main"]);
@@ -77,12 +88,13 @@ impl FixtureFleet {
         for (name, h) in &self.hosts {
             text += &format!(
                 "  \"{name}\" = {{ type = \"{}\"; system = \"{}\"; version = \"{}\"; \
-                 behaviour = \"{}\"; kernel = \"{}\"; }};\n",
+                 behaviour = \"{}\"; kernel = \"{}\"; salt = \"{}\"; }};\n",
                 h.kind,
                 system(),
                 h.version,
                 h.behaviour,
-                h.kernel
+                h.kernel,
+                self.salt
             );
         }
         text += "}\n";

@@ -30,6 +30,8 @@ pub enum Mode {
 
 struct Shared {
     root: PathBuf,
+    /// While this file exists the server answers 503 to everything: the host is "cut off".
+    cut_file: Mutex<Option<PathBuf>>,
     mode: Mutex<Mode>,
     log: Mutex<Vec<String>>,
     stop: AtomicBool,
@@ -50,6 +52,7 @@ impl HttpServer {
         let port = server.server_addr().to_ip().unwrap().port();
         let shared = Arc::new(Shared {
             root: root.to_path_buf(),
+            cut_file: Mutex::new(None),
             mode: Mutex::new(Mode::Normal),
             log: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
@@ -80,6 +83,11 @@ impl HttpServer {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.shared.mode.lock().unwrap() = mode;
+    }
+
+    /// Answers 503 to everything while `path` exists (the fixture's "cut-network" creates it).
+    pub fn cut_off_while(&self, path: &Path) {
+        *self.shared.cut_file.lock().unwrap() = Some(path.to_path_buf());
     }
 
     /// Paths requested so far, in order (e.g. `/release.json`, `/nar/…`).
@@ -143,7 +151,16 @@ impl Read for Stalled {
 fn respond(shared: &Arc<Shared>, request: tiny_http::Request) {
     let path = request.url().split('?').next().unwrap_or("/").to_owned();
     shared.log.lock().unwrap().push(path.clone());
-    let mode = shared.mode.lock().unwrap().clone();
+    let mut mode = shared.mode.lock().unwrap().clone();
+    if shared
+        .cut_file
+        .lock()
+        .unwrap()
+        .as_ref()
+        .is_some_and(|f| f.exists())
+    {
+        mode = Mode::Status(503);
+    }
     let result = match mode {
         Mode::Status(code) => request.respond(tiny_http::Response::empty(code)),
         Mode::Endless => request.respond(tiny_http::Response::new(

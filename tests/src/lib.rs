@@ -8,6 +8,7 @@
 
 pub mod fixture;
 pub mod git;
+pub mod host;
 pub mod http;
 pub mod nix;
 
@@ -63,7 +64,16 @@ pub fn binary(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--bins", "-p", "fleet-sign"])
+            .args([
+                "build",
+                "--quiet",
+                "--bins",
+                "-p",
+                "fleet-sign",
+                "-p",
+                "fleet-agent",
+            ])
+            .args(["--features", "fleet-agent/failpoints"])
             .current_dir(workspace)
             .status()
             .expect("run cargo build");

@@ -1,7 +1,8 @@
 # The host factory: turns one inventory entry into something shaped like a NixOS system, with a
 # toplevel built by /bin/sh (no nixpkgs is reachable in tests). The toplevel holds what the agent
-# looks at: bin/switch-to-configuration, nixos-version, kernel, initrd.
-{ name, system, type ? "server", version ? "1", behaviour ? "ok", kernel ? "6.1.0" }:
+# looks at: bin/switch-to-configuration, nixos-version, kernel, initrd. `salt` makes store paths
+# unique to one test, so tests sharing the machine's store never share a system.
+{ name, system, type ? "server", version ? "1", behaviour ? "ok", kernel ? "6.1.0", salt ? "" }:
 let
   toplevel = derivation {
     name = "nixos-system-${name}-${version}";
@@ -15,6 +16,7 @@ let
       echo "${version}" > $out/nixos-version
       echo "${behaviour}" > $out/behaviour
       echo "${type}" > $out/host-type
+      echo "${salt}" > $out/salt
       echo "linux ${kernel}" > $out/kernel
       echo "initrd ${kernel}" > $out/initrd
     '' ];

@@ -1,13 +1,17 @@
 #!/bin/sh
 # Fixture stand-in for NixOS's switch-to-configuration. It appends "<action> <toplevel>" to
 # $FLEET_FIXTURE_LOG, fails when the toplevel's behaviour says so or when the file
-# $FLEET_FIXTURE_CONTROL/fail-<action> exists, hangs on "hang", and points the links named by
-# $FLEET_FIXTURE_CURRENT (test, switch) and $FLEET_FIXTURE_BOOT (boot, switch) at its toplevel.
+# $FLEET_FIXTURE_CONTROL/fail-<action> exists, hangs on "hang", cuts the host off its control
+# plane on "cut-network" (creates $FLEET_FIXTURE_CONTROL/network-cut, which the test servers
+# obey), and points the links named by $FLEET_FIXTURE_CURRENT (test, switch) and
+# $FLEET_FIXTURE_BOOT (boot, switch) at its toplevel, as NixOS's activation and bootloader do.
 action="$1"
 top="${0%/bin/switch-to-configuration}"
+# In a chroot store the script runs from <root>/nix/store/…; links name the logical path.
+logical="/nix/store/${top##*/nix/store/}"
 read -r behaviour < "$top/behaviour"
 if [ -n "$FLEET_FIXTURE_LOG" ]; then
-    echo "$action $top" >> "$FLEET_FIXTURE_LOG"
+    echo "$action $logical" >> "$FLEET_FIXTURE_LOG"
 fi
 if [ -n "$FLEET_FIXTURE_CONTROL" ] && [ -e "$FLEET_FIXTURE_CONTROL/fail-$action" ]; then
     echo "switch-to-configuration: told to fail $action" >&2
@@ -24,12 +28,24 @@ case "$behaviour:$action" in
 esac
 case "$action" in
     test | switch)
-        [ -n "$FLEET_FIXTURE_CURRENT" ] && ln -sfn "$top" "$FLEET_FIXTURE_CURRENT"
+        # Activating a system that cuts the network cuts it; activating any other restores it.
+        if [ -n "$FLEET_FIXTURE_CONTROL" ]; then
+            if [ "$behaviour" = cut-network ]; then
+                : > "$FLEET_FIXTURE_CONTROL/network-cut"
+            else
+                rm -f "$FLEET_FIXTURE_CONTROL/network-cut"
+            fi
+        fi
+        ;;
+esac
+case "$action" in
+    test | switch)
+        [ -n "$FLEET_FIXTURE_CURRENT" ] && ln -sfn "$logical" "$FLEET_FIXTURE_CURRENT"
         ;;
 esac
 case "$action" in
     boot | switch)
-        [ -n "$FLEET_FIXTURE_BOOT" ] && ln -sfn "$top" "$FLEET_FIXTURE_BOOT"
+        [ -n "$FLEET_FIXTURE_BOOT" ] && ln -sfn "$logical" "$FLEET_FIXTURE_BOOT"
         ;;
 esac
 exit 0

@@ -1,0 +1,195 @@
+//! A git channel: the tip of one ref in any git remote, fetched with git2.
+//!
+//! Only that ref is fetched, with depth 1, into a bare repository in the state directory; the
+//! tip's tree holds the two release files. An idle poll is a ref negotiation that transfers no
+//! objects. Moving the ref back to an older signed commit changes nothing: the serial decides.
+
+use super::{ChannelError, Fetched, Polled, FILES, MAX_GIT_FETCH_BYTES};
+use std::path::PathBuf;
+
+const TIP_REF: &str = "refs/fleet/tip";
+
+pub struct GitChannel {
+    url: String,
+    refname: String,
+    repo_dir: PathBuf,
+    token: Option<String>,
+    ssh_key: Option<PathBuf>,
+    last_tip: Option<git2::Oid>,
+}
+
+impl GitChannel {
+    pub fn new(
+        url: String,
+        refname: String,
+        repo_dir: PathBuf,
+        token: Option<String>,
+        ssh_key: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            url,
+            refname,
+            repo_dir,
+            token,
+            ssh_key,
+            last_tip: None,
+        }
+    }
+
+    pub fn forget(&mut self) {
+        self.last_tip = None;
+    }
+
+    pub async fn poll(&mut self) -> Result<Polled, ChannelError> {
+        let job = Job {
+            url: self.url.clone(),
+            refname: self.refname.clone(),
+            repo_dir: self.repo_dir.clone(),
+            token: self.token.clone(),
+            ssh_key: self.ssh_key.clone(),
+            last_tip: self.last_tip,
+        };
+        let (tip, polled) = tokio::task::spawn_blocking(move || job.run())
+            .await
+            .map_err(|e| ChannelError::Git(format!("git fetch task failed: {e}")))??;
+        self.last_tip = tip;
+        Ok(polled)
+    }
+}
+
+/// The blocking part, run on a blocking thread.
+struct Job {
+    url: String,
+    refname: String,
+    repo_dir: PathBuf,
+    token: Option<String>,
+    ssh_key: Option<PathBuf>,
+    last_tip: Option<git2::Oid>,
+}
+
+fn git_error(what: &str, error: git2::Error) -> ChannelError {
+    ChannelError::Git(format!("{what}: {}", error.message()))
+}
+
+impl Job {
+    fn run(self) -> Result<(Option<git2::Oid>, Polled), ChannelError> {
+        let repo = match git2::Repository::open_bare(&self.repo_dir) {
+            Ok(repo) => repo,
+            Err(_) => {
+                std::fs::create_dir_all(&self.repo_dir).map_err(|source| ChannelError::Io {
+                    what: format!("git cache {}", self.repo_dir.display()),
+                    source,
+                })?;
+                git2::Repository::init_bare(&self.repo_dir)
+                    .map_err(|e| git_error("cannot create the git cache", e))?
+            }
+        };
+        let mut remote = repo
+            .remote_anonymous(&self.url)
+            .map_err(|e| git_error(&format!("git remote '{}'", self.url), e))?;
+
+        let mut callbacks = git2::RemoteCallbacks::new();
+        let (token, ssh_key) = (self.token.clone(), self.ssh_key.clone());
+        let mut tried = false;
+        callbacks.credentials(move |_url, username, allowed| {
+            // libgit2 asks again after a rejected credential: fail instead of looping.
+            if tried {
+                return Err(git2::Error::from_str("the remote rejected the credentials"));
+            }
+            tried = true;
+            if allowed.contains(git2::CredentialType::SSH_KEY) {
+                if let Some(key) = &ssh_key {
+                    return git2::Cred::ssh_key(username.unwrap_or("git"), None, key, None);
+                }
+            }
+            if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
+                if let Some(token) = &token {
+                    return git2::Cred::userpass_plaintext(username.unwrap_or("fleet"), token);
+                }
+            }
+            Err(git2::Error::from_str(
+                "the remote wants credentials: set token_file (https) or ssh_key_file (ssh)",
+            ))
+        });
+        callbacks.transfer_progress(|progress| progress.received_bytes() <= MAX_GIT_FETCH_BYTES);
+
+        let refspec = format!("+refs/heads/{}:{TIP_REF}", self.refname);
+        let mut options = git2::FetchOptions::new();
+        options
+            .remote_callbacks(callbacks)
+            .depth(1)
+            .download_tags(git2::AutotagOption::None)
+            .update_fetchhead(false);
+        if let Err(error) = remote.fetch(&[&refspec], Some(&mut options), None) {
+            let stats = remote.stats();
+            if stats.received_bytes() > MAX_GIT_FETCH_BYTES {
+                return Err(ChannelError::TooLarge {
+                    what: format!("git fetch from '{}'", self.url),
+                    limit: MAX_GIT_FETCH_BYTES,
+                });
+            }
+            if error.message().contains("couldn't find remote ref") {
+                return Ok((None, Polled::Empty));
+            }
+            return Err(git_error(
+                &format!("cannot fetch ref '{}' from '{}'", self.refname, self.url),
+                error,
+            ));
+        }
+        let tip = match repo.refname_to_id(TIP_REF) {
+            Ok(oid) => oid,
+            Err(_) => return Ok((None, Polled::Empty)),
+        };
+        if Some(tip) == self.last_tip {
+            return Ok((Some(tip), Polled::Unchanged));
+        }
+        let commit = repo
+            .find_commit(tip)
+            .map_err(|e| git_error(&format!("tip {tip} of '{}'", self.refname), e))?;
+        let tree = commit
+            .tree()
+            .map_err(|e| git_error(&format!("tree of commit {tip}"), e))?;
+        let odb = repo
+            .odb()
+            .map_err(|e| git_error("git object database", e))?;
+        let mut files = Vec::new();
+        for (name, limit) in FILES {
+            let Some(entry) = tree.get_name(name) else {
+                files.push(None);
+                continue;
+            };
+            let (size, kind) = odb
+                .read_header(entry.id())
+                .map_err(|e| git_error(&format!("{name} in commit {tip}"), e))?;
+            if kind != git2::ObjectType::Blob {
+                return Err(ChannelError::Git(format!(
+                    "{name} in commit {tip} is not a file"
+                )));
+            }
+            if size > limit {
+                return Err(ChannelError::TooLarge {
+                    what: format!("{name} in commit {tip}"),
+                    limit,
+                });
+            }
+            let blob = repo
+                .find_blob(entry.id())
+                .map_err(|e| git_error(&format!("{name} in commit {tip}"), e))?;
+            files.push(Some(blob.content().to_vec()));
+        }
+        let signatures = files.pop().flatten().unwrap_or_default();
+        let Some(document) = files.pop().flatten() else {
+            return Err(ChannelError::Git(format!(
+                "commit {tip} of ref '{}' has no {}: is this the release ref?",
+                self.refname, FILES[0].0
+            )));
+        };
+        Ok((
+            Some(tip),
+            Polled::Release(Fetched {
+                document,
+                signatures,
+            }),
+        ))
+    }
+}

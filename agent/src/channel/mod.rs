@@ -1,0 +1,170 @@
+//! Release channels: where the agent finds the signed release (SPEC §4).
+//!
+//! Every fetch is capped in size ([`MAX_DOCUMENT_BYTES`], [`MAX_SIGNATURE_FILE_BYTES`]) and in
+//! time; what comes back is unverified bytes, for [`crate::release::verify`] alone to judge.
+
+mod dir;
+mod git;
+mod http;
+
+use crate::config::{ChannelSpec, Config};
+use crate::release::{MAX_DOCUMENT_BYTES, MAX_SIGNATURE_FILE_BYTES};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Longest a connection may take to open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a whole poll may take.
+pub const POLL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most bytes one git fetch may receive.
+pub const MAX_GIT_FETCH_BYTES: usize = 64 << 20;
+
+/// A release as fetched, not yet verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub document: Vec<u8>,
+    pub signatures: Vec<u8>,
+}
+
+/// What a poll found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Polled {
+    /// Nothing changed since the last poll of this channel.
+    Unchanged,
+    /// The channel holds no release yet.
+    Empty,
+    /// The channel's current release.
+    Release(Fetched),
+}
+
+/// Why a poll failed. All of these are worth retrying later, with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("{what} is larger than the limit of {limit} bytes: refusing")]
+    TooLarge { what: String, limit: usize },
+    #[error("{what} did not arrive within {}", humantime::format_duration(*.after))]
+    TimedOut { what: String, after: Duration },
+    #[error("{0}")]
+    Http(String),
+    #[error("{0}")]
+    Git(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Credentials(String),
+}
+
+impl ChannelError {
+    /// A stable reason code for reports.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "too_large",
+            Self::TimedOut { .. } => "channel_timeout",
+            Self::Credentials(_) => "channel_credentials",
+            _ => "channel_unreachable",
+        }
+    }
+}
+
+/// One channel with what it remembers between polls (HTTP validators, the last git tip).
+pub enum Channel {
+    Directory(dir::DirChannel),
+    Http(http::HttpChannel),
+    Git(git::GitChannel),
+}
+
+fn read_secret(path: &Option<PathBuf>) -> Result<Option<String>, ChannelError> {
+    path.as_ref()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| ChannelError::Credentials(format!("cannot read {}: {e}", p.display())))
+        })
+        .transpose()
+}
+
+impl Channel {
+    pub fn new(config: &Config) -> Result<Self, ChannelError> {
+        Ok(match &config.channel {
+            ChannelSpec::Directory(path) => Self::Directory(dir::DirChannel::new(path.clone())),
+            ChannelSpec::Http(url) => Self::Http(http::HttpChannel::new(
+                url.clone(),
+                read_secret(&config.token_file)?,
+            )?),
+            ChannelSpec::Git { url, refname } => Self::Git(git::GitChannel::new(
+                url.clone(),
+                refname.clone(),
+                config.state_dir.join("git"),
+                read_secret(&config.token_file)?,
+                config.ssh_key_file.clone(),
+            )),
+        })
+    }
+
+    /// Fetches the current release, or learns cheaply that it did not change.
+    pub async fn poll(&mut self) -> Result<Polled, ChannelError> {
+        let work = async {
+            match self {
+                Self::Directory(c) => c.poll().await,
+                Self::Http(c) => c.poll().await,
+                Self::Git(c) => c.poll().await,
+            }
+        };
+        tokio::time::timeout(POLL_TIMEOUT, work)
+            .await
+            .unwrap_or(Err(ChannelError::TimedOut {
+                what: "the release".into(),
+                after: POLL_TIMEOUT,
+            }))
+    }
+
+    /// Forgets what was seen, so the next poll fetches everything again (after a release
+    /// that did not verify: it may have been caught between the writes of its two files).
+    pub fn forget(&mut self) {
+        match self {
+            Self::Directory(_) => {}
+            Self::Http(c) => c.forget(),
+            Self::Git(c) => c.forget(),
+        }
+    }
+
+    /// Whether the channel can still be reached (a health check): a full poll that must not
+    /// fail, its result ignored.
+    pub async fn reachable(&mut self) -> Result<(), ChannelError> {
+        self.poll().await.map(drop)
+    }
+}
+
+/// Reads at most `limit` bytes from `reader`; more is an error.
+async fn read_capped<R: tokio::io::AsyncRead + Unpin>(
+    reader: R,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>, ChannelError> {
+    use tokio::io::AsyncReadExt as _;
+    let mut bytes = Vec::new();
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|source| ChannelError::Io {
+            what: what.to_owned(),
+            source,
+        })?;
+    if bytes.len() > limit {
+        return Err(ChannelError::TooLarge {
+            what: what.to_owned(),
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
+/// The two files' names and limits, in fetch order.
+const FILES: [(&str, usize); 2] = [
+    (crate::release::DOCUMENT_FILE, MAX_DOCUMENT_BYTES),
+    (crate::release::SIGNATURE_FILE, MAX_SIGNATURE_FILE_BYTES),
+];

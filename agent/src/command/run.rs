@@ -1,0 +1,141 @@
+//! `fleet-agent run`: the daemon. Polls with splay, faster right after a change, backing off
+//! exponentially on errors; polls at once on SIGHUP (`fleet-agent poll-now`); stops on SIGTERM
+//! or SIGINT after finishing (or rolling back) what it was doing.
+
+use super::{load_config, runtime};
+use fleet_agent::config::Config;
+use fleet_agent::cycle::{Agent, Outcome};
+use fleet_agent::state::Runtime;
+use std::path::Path;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+/// Cancels `cancel` on SIGTERM or SIGINT.
+pub fn cancel_on_signals(cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: stopping after the current step"),
+            _ = int.recv() => log::info!("SIGINT: stopping after the current step"),
+        }
+        cancel.cancel();
+    })
+}
+
+/// How long to wait before the next poll.
+pub fn next_delay(config: &Config, errors: u32, fast_polls_left: u32) -> Duration {
+    let base = if errors > 0 {
+        let factor = 2u32.saturating_pow(errors.min(16));
+        config
+            .poll_interval
+            .saturating_mul(factor)
+            .min(config.max_backoff)
+    } else if fast_polls_left > 0 {
+        (config.poll_interval / 4).max(Duration::from_secs(1))
+    } else {
+        config.poll_interval
+    };
+    let splay_ms = config.poll_splay.as_millis().min(u64::MAX as u128) as u64;
+    base + Duration::from_millis(if splay_ms == 0 {
+        0
+    } else {
+        fastrand::u64(0..=splay_ms)
+    })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub fn run(path: &Path) -> u8 {
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    runtime().block_on(daemon(config))
+}
+
+async fn daemon(config: Config) -> u8 {
+    let cancel = CancellationToken::new();
+    let _signals = cancel_on_signals(cancel.clone());
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        log::error!("cannot listen for SIGHUP");
+        return 1;
+    };
+    let state_dir = config.state_dir.clone();
+    let interval = config.poll_interval;
+    let mut agent = loop {
+        match Agent::open(config.clone(), cancel.clone()) {
+            Ok(agent) => break agent,
+            Err(e) => {
+                // Safe mode: apply nothing, keep saying why, until a person resets the state.
+                log::error!(code = "safe_mode"; "{e}");
+                let runtime = Runtime {
+                    pid: std::process::id(),
+                    next_poll: Some(unix_now() + interval.as_secs()),
+                    last_outcome: None,
+                    safe_mode: Some(e.to_string()),
+                };
+                let _ = std::fs::create_dir_all(&state_dir);
+                let _ = runtime.save(&state_dir);
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    _ = hup.recv() => {}
+                    () = cancel.cancelled() => return 0,
+                }
+            }
+        }
+    };
+    log::info!(
+        "fleet-agent {} started: host {} in fleet {}, channel {}",
+        env!("CARGO_PKG_VERSION"),
+        config.host,
+        config.fleet,
+        config.channel
+    );
+    let mut errors = 0u32;
+    let mut fast_polls_left = 0u32;
+    loop {
+        let outcome = agent.cycle().await;
+        if cancel.is_cancelled() {
+            break;
+        }
+        if outcome.is_error() {
+            errors += 1;
+        } else {
+            errors = 0;
+        }
+        if outcome.is_change() || matches!(outcome, Outcome::Refused { .. }) {
+            fast_polls_left = 3;
+        } else {
+            fast_polls_left = fast_polls_left.saturating_sub(1);
+        }
+        let delay = next_delay(&config, errors, fast_polls_left);
+        let runtime = Runtime {
+            pid: std::process::id(),
+            next_poll: Some(unix_now() + delay.as_secs()),
+            last_outcome: serde_json::to_value(&outcome).ok(),
+            safe_mode: None,
+        };
+        if let Err(e) = runtime.save(&state_dir) {
+            log::warn!("cannot write {}: {e}", Runtime::path(&state_dir).display());
+        }
+        log::debug!("next poll in {}", humantime::format_duration(delay));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = hup.recv() => log::info!("SIGHUP: polling now"),
+            () = cancel.cancelled() => break,
+        }
+    }
+    let _ = std::fs::remove_file(Runtime::path(&state_dir));
+    log::info!("fleet-agent stopped");
+    0
+}

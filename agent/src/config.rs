@@ -1,0 +1,574 @@
+//! The agent's config file (TOML), in two stages: [`RawConfig`] mirrors the file with a doc
+//! comment per field and refuses unknown keys; [`Config::from_raw`] validates it into typed
+//! config. `fleet-agent check-config FILE` runs both and explains the result.
+//!
+//! ```toml
+//! fleet = "home"
+//! host = "router1"                      # default: the machine's hostname
+//! trusted_keys = ["ops-2026:base64…"]
+//! threshold = 1
+//! channel = "git+https://git.example.org/fleet.git#fleet-release"
+//! poll_interval = "5m"
+//! realise = "substitute"                # or "substitute-or-build"
+//!
+//! [health]
+//! window = "60s"
+//! [[health.checks]]
+//! type = "tcp"
+//! address = "127.0.0.1:22"
+//! ```
+
+use crate::release::{is_valid_name, PublicKey, TrustPolicy};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The file as written. Every field is documented in `docs/fleet-agent.md` too.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The fleet (or channel) this host belongs to; releases for another fleet are refused.
+    pub fleet: String,
+    /// This host's name in releases; default: the kernel's hostname.
+    pub host: Option<String>,
+    /// Release keys this host trusts, `name:base64` as `fleet-sign keygen` prints them.
+    pub trusted_keys: Vec<String>,
+    /// How many distinct trusted keys must have signed a release; default 1.
+    #[serde(default = "one")]
+    pub threshold: usize,
+    /// Where releases come from: a directory, an http(s) base URL, or git+<url>[#<ref>].
+    pub channel: String,
+    /// A file whose content is a bearer token (http) or an HTTPS password/token (git).
+    pub token_file: Option<PathBuf>,
+    /// An SSH private key file for git+ssh channels.
+    pub ssh_key_file: Option<PathBuf>,
+    /// Time between polls when idle; default 5m.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Random extra delay added to each poll, so a fleet does not poll in lockstep; default 30s.
+    #[serde(default = "default_splay", with = "humantime_serde")]
+    pub poll_splay: Duration,
+    /// Longest wait between polls after repeated errors; default 1h.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// "substitute" (default): fetch the closure from binary caches only, never build;
+    /// "substitute-or-build": build from the signed source commit when no cache has it.
+    #[serde(default)]
+    pub realise: RealiseMode,
+    /// Extra substituters to try besides the host's Nix config and the release's hints.
+    #[serde(default)]
+    pub substituters: Vec<String>,
+    /// Whether to use the substituter hints the release carries; default true. Trust stays
+    /// with the host's Nix `trusted-public-keys`.
+    #[serde(default = "yes")]
+    pub use_release_substituters: bool,
+    /// Longest time to realise (substitute or build) a closure; default 1h.
+    #[serde(default = "default_realise_timeout", with = "humantime_serde")]
+    pub realise_timeout: Duration,
+    /// How often one release may be tried before the agent stops and asks for a person;
+    /// default 3.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// How switch-to-configuration runs.
+    #[serde(default)]
+    pub activation: RawActivation,
+    /// Health checks after the trial switch.
+    #[serde(default)]
+    pub health: RawHealth,
+    /// Fixed paths of a NixOS host; tests point them elsewhere to run many hosts on one machine.
+    #[serde(default)]
+    pub paths: RawPaths,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RealiseMode {
+    #[default]
+    Substitute,
+    SubstituteOrBuild,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActivationMode {
+    /// systemd-run when systemd is PID 1, else a direct child.
+    #[default]
+    Auto,
+    SystemdRun,
+    Direct,
+}
+
+/// `[activation]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawActivation {
+    /// "auto" (default), "systemd-run" or "direct".
+    #[serde(default)]
+    pub mode: ActivationMode,
+    /// Longest a switch-to-configuration run may take before it counts as failed; default 10m.
+    #[serde(default = "default_switch_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for RawActivation {
+    fn default() -> Self {
+        Self {
+            mode: ActivationMode::Auto,
+            timeout: default_switch_timeout(),
+        }
+    }
+}
+
+/// `[health]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// How long checks run after the trial switch before the agent decides; default 60s.
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub window: Duration,
+    /// Time between rounds of checks; default 5s.
+    #[serde(default = "default_check_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Built in: no failed systemd units (only where systemd runs); default true.
+    #[serde(default = "yes")]
+    pub no_failed_units: bool,
+    /// Built in: the release channel is still reachable; default true.
+    #[serde(default = "yes")]
+    pub channel_reachable: bool,
+    /// Configured checks.
+    #[serde(default)]
+    pub checks: Vec<RawCheck>,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            window: default_window(),
+            interval: default_check_interval(),
+            no_failed_units: true,
+            channel_reachable: true,
+            checks: Vec::new(),
+        }
+    }
+}
+
+/// One configured check: `type` says which.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCheck {
+    /// A name for logs and reports; default: derived from the check.
+    pub name: Option<String>,
+    #[serde(flatten)]
+    pub kind: CheckKind,
+    /// Whether failure rolls back (true, default) or is only reported (false).
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// Longest one run of the check may take; default 10s.
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum CheckKind {
+    /// A systemd unit that must be active.
+    Unit { unit: String },
+    /// An HTTP URL that must answer with `status` (default 200).
+    Http {
+        url: String,
+        #[serde(default = "default_status")]
+        status: u16,
+    },
+    /// A TCP address that must accept connections.
+    Tcp { address: String },
+    /// A command (argv) that must exit 0.
+    Command { command: Vec<String> },
+}
+
+/// `[paths]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPaths {
+    /// The agent's state: state file, GC roots, git cache; default /var/lib/fleet-agent.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The system profile; default /nix/var/nix/profiles/system.
+    #[serde(default = "default_profile")]
+    pub system_profile: PathBuf,
+    /// The running system's link; default /run/current-system.
+    #[serde(default = "default_current")]
+    pub current_system: PathBuf,
+    /// The booted system's link; default /run/booted-system.
+    #[serde(default = "default_booted")]
+    pub booted_system: PathBuf,
+    /// A Nix store URL for `--store` (a chroot store directory in tests); default: the
+    /// machine's store.
+    pub store: Option<String>,
+    /// Where `/nix/store` physically is, for running programs from a chroot store; default /.
+    #[serde(default = "default_root")]
+    pub store_root: PathBuf,
+    /// Where node_exporter's textfile collector reads metrics; default: none.
+    pub metrics_dir: Option<PathBuf>,
+}
+
+impl Default for RawPaths {
+    fn default() -> Self {
+        Self {
+            state_dir: default_state_dir(),
+            system_profile: default_profile(),
+            current_system: default_current(),
+            booted_system: default_booted(),
+            store: None,
+            store_root: default_root(),
+            metrics_dir: None,
+        }
+    }
+}
+
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_splay() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_realise_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_switch_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_check_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_status() -> u16 {
+    200
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/fleet-agent".into()
+}
+fn default_profile() -> PathBuf {
+    "/nix/var/nix/profiles/system".into()
+}
+fn default_current() -> PathBuf {
+    "/run/current-system".into()
+}
+fn default_booted() -> PathBuf {
+    "/run/booted-system".into()
+}
+fn default_root() -> PathBuf {
+    "/".into()
+}
+
+/// Durations written as "30s", "5m", "1h 30m".
+mod humantime_serde {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("'{text}' is not a duration: {e}")))
+    }
+}
+
+/// A release channel as the agent reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelSpec {
+    Directory(PathBuf),
+    Http(String),
+    Git { url: String, refname: String },
+}
+
+/// The ref a git channel uses when none is given.
+pub const DEFAULT_GIT_REF: &str = "fleet-release";
+
+impl ChannelSpec {
+    /// Parses the channel syntax shared with `fleet-sign` (see docs/fleet-sign.md).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(rest) = text.strip_prefix("git+") {
+            let (url, refname) = rest.rsplit_once('#').unwrap_or((rest, DEFAULT_GIT_REF));
+            let valid_ref = !refname.is_empty()
+                && !refname.starts_with(['-', '/'])
+                && !refname.contains("..")
+                && refname
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+            if url.is_empty() || !valid_ref {
+                return Err(format!(
+                    "git channel '{text}' is not of the form git+<url>[#<ref>]"
+                ));
+            }
+            return Ok(Self::Git {
+                url: url.to_owned(),
+                refname: refname.to_owned(),
+            });
+        }
+        if text.starts_with("git://") {
+            return Self::parse(&format!("git+{text}"));
+        }
+        if text.starts_with("http://") || text.starts_with("https://") {
+            return Ok(Self::Http(text.trim_end_matches('/').to_owned()));
+        }
+        if let Some(path) = text.strip_prefix("file://") {
+            return Ok(Self::Directory(PathBuf::from(path)));
+        }
+        if text.contains("://") {
+            return Err(format!(
+                "channel '{text}' has an unknown scheme: use a directory, http(s)://… or \
+                 git+<url>"
+            ));
+        }
+        Ok(Self::Directory(PathBuf::from(text)))
+    }
+}
+
+impl std::fmt::Display for ChannelSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Directory(path) => write!(f, "{}", path.display()),
+            Self::Http(url) => f.write_str(url),
+            Self::Git { url, refname } => write!(f, "git+{url}#{refname}"),
+        }
+    }
+}
+
+/// A validated health check.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: String,
+    pub kind: CheckKind,
+    pub required: bool,
+    pub timeout: Duration,
+}
+
+/// The validated config the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub fleet: String,
+    pub host: String,
+    pub trust: TrustPolicy,
+    pub channel: ChannelSpec,
+    pub token_file: Option<PathBuf>,
+    pub ssh_key_file: Option<PathBuf>,
+    pub poll_interval: Duration,
+    pub poll_splay: Duration,
+    pub max_backoff: Duration,
+    pub realise: RealiseMode,
+    pub substituters: Vec<String>,
+    pub use_release_substituters: bool,
+    pub realise_timeout: Duration,
+    pub max_attempts: u32,
+    pub activation_mode: ActivationMode,
+    pub switch_timeout: Duration,
+    pub health_window: Duration,
+    pub health_interval: Duration,
+    pub no_failed_units: bool,
+    pub channel_reachable: bool,
+    pub checks: Vec<Check>,
+    pub state_dir: PathBuf,
+    pub system_profile: PathBuf,
+    pub current_system: PathBuf,
+    pub booted_system: PathBuf,
+    pub store: Option<String>,
+    pub store_root: PathBuf,
+    pub metrics_dir: Option<PathBuf>,
+}
+
+/// A config file that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {problems}")]
+pub struct ConfigError {
+    pub path: String,
+    pub problems: String,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let error = |problems: String| ConfigError {
+            path: path.display().to_string(),
+            problems,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| error(format!("cannot read: {e}")))?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| error(e.to_string()))?;
+        Self::from_raw(raw).map_err(|problems| error(problems.join("; ")))
+    }
+
+    /// Validates the raw config, collecting every problem rather than stopping at the first.
+    pub fn from_raw(raw: RawConfig) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        if !is_valid_name(&raw.fleet) {
+            problems.push(format!("fleet '{}' is not a valid name", raw.fleet));
+        }
+        let host = raw.host.clone().unwrap_or_else(hostname);
+        if !is_valid_name(&host) {
+            problems.push(format!(
+                "host '{host}' is not a valid name: set host = \"…\" to this machine's name in \
+                 the release"
+            ));
+        }
+        let mut keys = Vec::new();
+        for key in &raw.trusted_keys {
+            match PublicKey::parse(key) {
+                Ok(k) => keys.push(k),
+                Err(e) => problems.push(format!("trusted_keys: {e}")),
+            }
+        }
+        let trust = if keys.is_empty() {
+            problems.push("trusted_keys is empty: list the release keys this host trusts".into());
+            None
+        } else {
+            TrustPolicy::new(keys, raw.threshold)
+                .map_err(|e| problems.push(e))
+                .ok()
+        };
+        let channel = ChannelSpec::parse(&raw.channel)
+            .map_err(|e| problems.push(e))
+            .ok();
+        if let Some(ChannelSpec::Directory(dir)) = &channel {
+            if !dir.is_absolute() {
+                problems.push(format!(
+                    "channel directory '{}' must be absolute",
+                    dir.display()
+                ));
+            }
+        }
+        for (name, path) in [
+            ("token_file", &raw.token_file),
+            ("ssh_key_file", &raw.ssh_key_file),
+        ] {
+            if let Some(path) = path {
+                if path.starts_with("/nix/store") {
+                    problems.push(format!(
+                        "{name} {} is in the Nix store, which every user can read: keep \
+                         secrets outside it",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        if raw.poll_interval < Duration::from_secs(1) {
+            problems.push("poll_interval must be at least 1s".into());
+        }
+        if raw.max_attempts == 0 {
+            problems.push("max_attempts must be at least 1".into());
+        }
+        if raw.health.interval.is_zero() {
+            problems.push("health.interval must be above 0".into());
+        }
+        let mut checks = Vec::new();
+        for (i, check) in raw.health.checks.iter().enumerate() {
+            let default_name = match &check.kind {
+                CheckKind::Unit { unit } => {
+                    if unit.is_empty() || unit.contains('/') {
+                        problems.push(format!("health.checks[{i}]: unit '{unit}' is invalid"));
+                    }
+                    format!("unit {unit}")
+                }
+                CheckKind::Http { url, .. } => {
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        problems.push(format!("health.checks[{i}]: '{url}' is not an http URL"));
+                    }
+                    format!("http {url}")
+                }
+                CheckKind::Tcp { address } => {
+                    if !address.contains(':') {
+                        problems.push(format!(
+                            "health.checks[{i}]: address '{address}' needs a port (host:port)"
+                        ));
+                    }
+                    format!("tcp {address}")
+                }
+                CheckKind::Command { command } => {
+                    if command.is_empty() {
+                        problems.push(format!("health.checks[{i}]: command is empty"));
+                    }
+                    format!("command {}", command.first().map_or("", String::as_str))
+                }
+            };
+            checks.push(Check {
+                name: check.name.clone().unwrap_or(default_name),
+                kind: check.kind.clone(),
+                required: check.required,
+                timeout: check.timeout,
+            });
+        }
+        for (name, path) in [
+            ("paths.state_dir", &raw.paths.state_dir),
+            ("paths.system_profile", &raw.paths.system_profile),
+            ("paths.current_system", &raw.paths.current_system),
+            ("paths.booted_system", &raw.paths.booted_system),
+            ("paths.store_root", &raw.paths.store_root),
+        ] {
+            if !path.is_absolute() {
+                problems.push(format!("{name} '{}' must be absolute", path.display()));
+            }
+        }
+        let (Some(trust), Some(channel), true) = (trust, channel, problems.is_empty()) else {
+            return Err(problems);
+        };
+        Ok(Self {
+            fleet: raw.fleet,
+            host,
+            trust,
+            channel,
+            token_file: raw.token_file,
+            ssh_key_file: raw.ssh_key_file,
+            poll_interval: raw.poll_interval,
+            poll_splay: raw.poll_splay,
+            max_backoff: raw.max_backoff.max(raw.poll_interval),
+            realise: raw.realise,
+            substituters: raw.substituters,
+            use_release_substituters: raw.use_release_substituters,
+            realise_timeout: raw.realise_timeout,
+            max_attempts: raw.max_attempts,
+            activation_mode: raw.activation.mode,
+            switch_timeout: raw.activation.timeout,
+            health_window: raw.health.window,
+            health_interval: raw.health.interval,
+            no_failed_units: raw.health.no_failed_units,
+            channel_reachable: raw.health.channel_reachable,
+            checks,
+            state_dir: raw.paths.state_dir,
+            system_profile: raw.paths.system_profile,
+            current_system: raw.paths.current_system,
+            booted_system: raw.paths.booted_system,
+            store: raw.paths.store,
+            store_root: raw.paths.store_root,
+            metrics_dir: raw.paths.metrics_dir,
+        })
+    }
+
+    /// Where a logical store path (`/nix/store/…`) physically is on this machine.
+    pub fn physical(&self, logical: &str) -> PathBuf {
+        self.store_root.join(logical.trim_start_matches('/'))
+    }
+}
+
+/// The kernel's hostname, or "" when unreadable (then the config must name the host).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;

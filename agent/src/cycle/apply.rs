@@ -1,0 +1,322 @@
+//! The phases that change the host: realise, trial, health, commit, rollback; and resuming an
+//! interrupted cycle after a restart.
+
+use super::{unix_now, Agent, Outcome};
+use crate::activate::{reboot_parts, Action};
+use crate::config::RealiseMode;
+use crate::failpoint;
+use crate::health::{failed_units, Health};
+use crate::nix::NixError;
+use crate::release::VerifiedRelease;
+use crate::state::{Attempts, BadRelease, Phase};
+
+impl Agent {
+    pub(crate) fn mark_bad(&mut self, serial: u64, toplevel: &str, code: &str, reason: &str) {
+        self.state.bad = Some(BadRelease {
+            serial,
+            toplevel: toplevel.to_owned(),
+            code: code.to_owned(),
+            reason: reason.to_owned(),
+        });
+        self.state.attempts = None;
+        self.record_error(code, reason, Some(serial));
+        if let Err(e) = self.save() {
+            log::error!("{e}");
+        }
+    }
+
+    fn gc_root(&self, name: &str) -> std::path::PathBuf {
+        self.config.state_dir.join("gcroots").join(name)
+    }
+
+    /// Realise → trial → health → commit, or rollback.
+    pub(crate) async fn apply(&mut self, verified: &VerifiedRelease, toplevel: &str) -> Outcome {
+        let serial = verified.serial();
+        let count = self
+            .state
+            .attempts
+            .as_ref()
+            .filter(|a| a.serial == serial && a.toplevel == toplevel)
+            .map_or(0, |a| a.count)
+            + 1;
+        self.state.attempts = Some(Attempts {
+            serial,
+            toplevel: toplevel.to_owned(),
+            count,
+        });
+        let phase = Phase::Realising {
+            serial,
+            toplevel: toplevel.to_owned(),
+        };
+        if let Err(e) = self.transition(phase) {
+            return self.fail("state_write", e.to_string(), Some(serial));
+        }
+        if let Err(e) = self.realise(verified, toplevel).await {
+            let _ = self.transition(Phase::Idle);
+            let message = format!("cannot realise release {serial}: {e}");
+            if matches!(
+                e,
+                NixError::EvaluationMismatch { .. } | NixError::NotAToplevel { .. }
+            ) {
+                // The release itself is wrong for this host: retrying cannot help.
+                log::error!(code = e.code(); "{message}");
+                self.mark_bad(serial, toplevel, e.code(), &message);
+                return Outcome::Failed {
+                    code: e.code().into(),
+                    message,
+                };
+            }
+            return self.fail(e.code(), message, Some(serial));
+        }
+        failpoint::hit("after-realise");
+        self.trial(serial, toplevel).await
+    }
+
+    async fn realise(
+        &mut self,
+        verified: &VerifiedRelease,
+        toplevel: &str,
+    ) -> Result<(), NixError> {
+        self.nix.check_require_sigs(&self.cancel).await?;
+        let root = self.gc_root("candidate");
+        if let Some(dir) = root.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let release = verified.release();
+        let mut substituters = self.config.substituters.clone();
+        if self.config.use_release_substituters {
+            substituters.extend(release.substituters.iter().cloned());
+        }
+        let substituted = self
+            .nix
+            .substitute(
+                toplevel,
+                &substituters,
+                &root,
+                self.config.realise_timeout,
+                &self.cancel,
+            )
+            .await;
+        match substituted {
+            Err(NixError::NotInCache { .. })
+                if self.config.realise == RealiseMode::SubstituteOrBuild =>
+            {
+                log::warn!(
+                    serial = release.serial.to_string().as_str(), store_path = toplevel;
+                    "{toplevel} is in no cache: building it from {} at {}",
+                    release.source.repo, release.source.commit.as_deref().unwrap_or("(no commit)")
+                );
+                self.nix
+                    .build_from_source(
+                        &release.source,
+                        &self.config.host,
+                        toplevel,
+                        &root,
+                        self.config.realise_timeout,
+                        &self.cancel,
+                    )
+                    .await?;
+            }
+            other => other?,
+        }
+        self.nix.check_toplevel(toplevel)
+    }
+
+    /// Activates the candidate with `switch-to-configuration test`, then runs the health window.
+    async fn trial(&mut self, serial: u64, toplevel: &str) -> Outcome {
+        let failed_before = failed_units().await;
+        let phase = Phase::Trial {
+            serial,
+            toplevel: toplevel.to_owned(),
+        };
+        if let Err(e) = self.transition(phase) {
+            return self.fail("state_write", e.to_string(), Some(serial));
+        }
+        if let Err(e) = self.activator.switch(toplevel, Action::Test).await {
+            let reason = format!("switch-to-configuration test of release {serial} failed: {e}");
+            return self
+                .rollback(serial, toplevel, "switch_failed", &reason)
+                .await;
+        }
+        failpoint::hit("after-trial-switch");
+        let phase = Phase::Health {
+            serial,
+            toplevel: toplevel.to_owned(),
+        };
+        if let Err(e) = self.transition(phase) {
+            log::error!("{e}");
+            return self
+                .rollback(serial, toplevel, "state_write", &e.to_string())
+                .await;
+        }
+        let health = Health {
+            config: &self.config,
+            failed_before,
+        };
+        let verdict = health.window(&mut self.channel, &self.cancel).await;
+        if verdict.cancelled {
+            let reason =
+                format!("the agent was stopped during the health window of release {serial}");
+            return self
+                .rollback(serial, toplevel, "interrupted", &reason)
+                .await;
+        }
+        if !verdict.healthy {
+            let reason = format!("release {serial} is unhealthy: {}", verdict.failures());
+            return self
+                .rollback(serial, toplevel, "health_failed", &reason)
+                .await;
+        }
+        self.commit(serial, toplevel).await
+    }
+
+    /// Sets the profile and the boot default to the healthy candidate.
+    async fn commit(&mut self, serial: u64, toplevel: &str) -> Outcome {
+        let phase = Phase::Committing {
+            serial,
+            toplevel: toplevel.to_owned(),
+        };
+        if let Err(e) = self.transition(phase) {
+            log::error!("{e}");
+            return self
+                .rollback(serial, toplevel, "state_write", &e.to_string())
+                .await;
+        }
+        if let Err(e) = self
+            .nix
+            .set_profile(&self.config.system_profile, toplevel, &self.cancel)
+            .await
+        {
+            let reason = format!("cannot set the system profile to {toplevel}: {e}");
+            return self
+                .rollback(serial, toplevel, "commit_failed", &reason)
+                .await;
+        }
+        failpoint::hit("after-profile-set");
+        if let Err(e) = self.activator.switch(toplevel, Action::Boot).await {
+            let reason = format!("switch-to-configuration boot of release {serial} failed: {e}");
+            return self
+                .rollback(serial, toplevel, "commit_failed", &reason)
+                .await;
+        }
+        failpoint::hit("after-boot-switch");
+        let candidate = self.nix.physical(toplevel);
+        let booted =
+            crate::nix::resolve_link(&self.config.booted_system).map(|b| self.nix.physical(&b));
+        let parts = reboot_parts(&candidate, booted.as_deref());
+        let reboot_needed = !parts.is_empty();
+        if reboot_needed {
+            log::warn!(
+                serial = serial.to_string().as_str(), store_path = toplevel;
+                "release {serial} changes {}: it runs fully only after a reboot", parts.join(", ")
+            );
+        }
+        self.state.last_good = Some(toplevel.to_owned());
+        self.state.last_success = Some(unix_now());
+        self.state.reboot_needed = reboot_needed;
+        self.state.attempts = None;
+        self.state.last_error = None;
+        let old_root = self.gc_root("candidate");
+        let _ = std::fs::rename(&old_root, self.gc_root("last-good"));
+        if let Err(e) = self.transition(Phase::Idle) {
+            log::error!("{e}");
+        }
+        log::info!(serial = serial.to_string().as_str(), store_path = toplevel; "release {serial} committed");
+        Outcome::Committed {
+            serial,
+            toplevel: toplevel.to_owned(),
+            reboot_needed,
+        }
+    }
+
+    /// Re-activates the last good system and records the release as bad for this host.
+    pub(crate) async fn rollback(
+        &mut self,
+        serial: u64,
+        toplevel: &str,
+        code: &str,
+        reason: &str,
+    ) -> Outcome {
+        log::error!(code = code, serial = serial.to_string().as_str(), store_path = toplevel; "{reason}: rolling back");
+        let phase = Phase::RollingBack {
+            serial,
+            toplevel: toplevel.to_owned(),
+            code: code.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if let Err(e) = self.transition(phase) {
+            log::error!("{e}");
+        }
+        let Some(last_good) = self.state.last_good.clone() else {
+            let message = format!("{reason}; and there is no last good system to go back to");
+            self.record_error("rollback_failed", &message, Some(serial));
+            let _ = self.save();
+            return Outcome::RollbackFailed { message };
+        };
+        if let Err(e) = self.activator.switch(&last_good, Action::Test).await {
+            let message = format!(
+                "{reason}; then re-activating the last good system {last_good} failed: {e}: the \
+                 host needs a person"
+            );
+            log::error!(code = "rollback_failed", store_path = last_good.as_str(); "{message}");
+            self.record_error("rollback_failed", &message, Some(serial));
+            let _ = self.save();
+            return Outcome::RollbackFailed { message };
+        }
+        failpoint::hit("after-rollback-switch");
+        // The profile and boot default were set only if the commit got that far: put them back.
+        if crate::nix::resolve_link(&self.config.system_profile).as_deref() == Some(toplevel) {
+            if let Err(e) = self
+                .nix
+                .set_profile(&self.config.system_profile, &last_good, &self.cancel)
+                .await
+            {
+                log::error!("cannot point the system profile back at {last_good}: {e}");
+            }
+            if let Err(e) = self.activator.switch(&last_good, Action::Boot).await {
+                log::error!("cannot make {last_good} the boot default again: {e}");
+            }
+        }
+        let _ = std::fs::remove_file(self.gc_root("candidate"));
+        self.state.phase = Phase::Idle;
+        self.mark_bad(serial, toplevel, code, reason);
+        log::info!(serial = serial.to_string().as_str(), store_path = last_good.as_str(); "back on the last good system {last_good}");
+        Outcome::RolledBack {
+            serial,
+            code: code.to_owned(),
+            message: reason.to_owned(),
+        }
+    }
+
+    /// Finishes or undoes a cycle that a kill, crash or power cut interrupted.
+    pub async fn resume(&mut self) -> Option<Outcome> {
+        match self.state.phase.clone() {
+            Phase::Idle => None,
+            Phase::Realising { serial, .. } => {
+                log::info!(serial = serial.to_string().as_str(); "resuming: the realise of release {serial} was interrupted; the system was not touched");
+                let _ = self.transition(Phase::Idle);
+                None
+            }
+            Phase::Trial { serial, toplevel } | Phase::Health { serial, toplevel } => {
+                let reason = format!(
+                    "the agent stopped during the trial of release {serial} (killed, crashed or \
+                     power lost)"
+                );
+                Some(
+                    self.rollback(serial, &toplevel, "interrupted", &reason)
+                        .await,
+                )
+            }
+            Phase::Committing { serial, toplevel } => {
+                log::info!(serial = serial.to_string().as_str(); "resuming: finishing the commit of release {serial}");
+                Some(self.commit(serial, &toplevel).await)
+            }
+            Phase::RollingBack {
+                serial,
+                toplevel,
+                code,
+                reason,
+            } => Some(self.rollback(serial, &toplevel, &code, &reason).await),
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The deploy cycle: poll → verify → realise → trial → health → commit, or rollback.
+//!
+//! [`Agent`] owns the persisted [`State`] and moves it through the [`Phase`]s, saving it
+//! atomically before every step that changes the system, so a kill at any point resumes
+//! ([`Agent::resume`]) into a committed candidate or the last good system, never in between.
+//! Nothing is realised or switched before [`crate::release::verify`] accepted the release: the
+//! apply steps take a [`VerifiedRelease`], which only the verifier creates.
+
+mod apply;
+#[cfg(test)]
+mod tests;
+
+use crate::activate::Activator;
+use crate::channel::{Channel, ChannelError, Polled};
+use crate::config::Config;
+use crate::nix::{resolve_link, Nix};
+use crate::release::{self, Accepted, Digest, VerifiedRelease, VerifyContext};
+use crate::state::{AcceptedRelease, LastError, Phase, State, StateError, StateFile};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// How one cycle ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The channel holds no release yet.
+    NoRelease,
+    /// The host already runs what the release names (or the release did not change).
+    UpToDate { serial: Option<u64> },
+    /// The release was refused; nothing was fetched or changed.
+    Refused { code: String, message: String },
+    /// The release failed here before and is not retried until a higher serial.
+    KnownBad { serial: u64 },
+    /// The release asks this host to wait until `not_before`.
+    Waiting { serial: u64, not_before: u64 },
+    /// The candidate is committed: profile and boot default point at it.
+    Committed {
+        serial: u64,
+        toplevel: String,
+        reboot_needed: bool,
+    },
+    /// The candidate failed and the host is back on its last good system.
+    RolledBack {
+        serial: u64,
+        code: String,
+        message: String,
+    },
+    /// Something failed before the system was touched; retried at the next poll.
+    Failed { code: String, message: String },
+    /// Going back to the last good system failed: the host needs a person.
+    RollbackFailed { message: String },
+}
+
+impl Outcome {
+    /// The exit code of `fleet-agent once` (docs/fleet-agent.md).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NoRelease
+            | Self::UpToDate { .. }
+            | Self::Committed { .. }
+            | Self::KnownBad { .. }
+            | Self::Waiting { .. } => 0,
+            Self::Failed { .. } => 1,
+            Self::Refused { .. } => 3,
+            Self::RolledBack { .. } => 4,
+            Self::RollbackFailed { .. } => 5,
+        }
+    }
+
+    /// Whether the next poll should come sooner (something changed) or back off (an error).
+    pub fn is_change(&self) -> bool {
+        matches!(self, Self::Committed { .. } | Self::RolledBack { .. })
+    }
+
+    pub fn is_error(&self) -> bool {
+        matches!(self, Self::Failed { .. } | Self::RollbackFailed { .. })
+    }
+}
+
+/// The time now, never below the persisted floor (a board without a clock boots in 1970).
+fn now(floor: u64) -> u64 {
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    clock.max(floor)
+}
+
+fn unix_now() -> u64 {
+    now(0)
+}
+
+/// The agent for one host.
+pub struct Agent {
+    pub(crate) config: Config,
+    pub(crate) state_file: StateFile,
+    pub(crate) state: State,
+    pub(crate) channel: Channel,
+    pub(crate) nix: Nix,
+    pub(crate) activator: Activator,
+    pub(crate) cancel: CancellationToken,
+}
+
+/// Why the agent cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("release channel: {0}")]
+    Channel(#[from] ChannelError),
+}
+
+impl Agent {
+    /// Loads the state; a host without one starts from the system it runs now.
+    pub fn open(config: Config, cancel: CancellationToken) -> Result<Self, StartError> {
+        let state_file = StateFile::new(&config.state_dir);
+        let state = match state_file.load()? {
+            Some(state) => state,
+            None => {
+                let running = resolve_link(&config.current_system);
+                log::info!(
+                    store_path = running.as_deref().unwrap_or("");
+                    "no state yet: starting from the running system {}",
+                    running.as_deref().unwrap_or("(unknown)")
+                );
+                let state = State::fresh(running);
+                state_file.save(&state)?;
+                state
+            }
+        };
+        let channel = Channel::new(&config)?;
+        Ok(Self {
+            nix: Nix::new(&config),
+            activator: Activator::new(&config),
+            channel,
+            state_file,
+            state,
+            config,
+            cancel,
+        })
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Moves to `phase` and saves; logs one line per transition.
+    pub(crate) fn transition(&mut self, phase: Phase) -> Result<(), StateError> {
+        let (serial, store_path) = match &phase {
+            Phase::Idle => (None, None),
+            Phase::Realising { serial, toplevel }
+            | Phase::Trial { serial, toplevel }
+            | Phase::Health { serial, toplevel }
+            | Phase::Committing { serial, toplevel }
+            | Phase::RollingBack {
+                serial, toplevel, ..
+            } => (Some(*serial), Some(toplevel.clone())),
+        };
+        log::info!(
+            phase = phase.name(),
+            serial = serial.map(|s| s.to_string()).unwrap_or_default().as_str(),
+            store_path = store_path.as_deref().unwrap_or("");
+            "phase {} -> {}{}",
+            self.state.phase.name(),
+            phase.name(),
+            serial.map(|s| format!(" (release {s})")).unwrap_or_default()
+        );
+        self.state.phase = phase;
+        self.save()
+    }
+
+    pub(crate) fn save(&mut self) -> Result<(), StateError> {
+        self.state_file.save(&self.state)
+    }
+
+    pub(crate) fn record_error(&mut self, code: &str, message: &str, serial: Option<u64>) {
+        self.state.last_error = Some(LastError {
+            code: code.to_owned(),
+            message: message.to_owned(),
+            at: unix_now(),
+            serial,
+        });
+    }
+
+    /// Records a failure that happened before the system was touched.
+    fn fail(&mut self, code: &str, message: String, serial: Option<u64>) -> Outcome {
+        log::error!(code = code; "{message}");
+        self.record_error(code, &message, serial);
+        if let Err(e) = self.save() {
+            log::error!("{e}");
+        }
+        Outcome::Failed {
+            code: code.to_owned(),
+            message,
+        }
+    }
+
+    /// One full cycle: poll, verify, and apply a new release if there is one.
+    pub async fn cycle(&mut self) -> Outcome {
+        if let Some(outcome) = self.resume().await {
+            if matches!(outcome, Outcome::RollbackFailed { .. }) {
+                return outcome;
+            }
+        }
+        let fetched = match self.channel.poll().await {
+            Ok(Polled::Empty) => return Outcome::NoRelease,
+            Ok(Polled::Unchanged) => match &self.state.accepted {
+                // Nothing new; an interrupted or waiting release is handled by the fetch that
+                // follows a restart, since validators live in memory only.
+                Some(a) => {
+                    return Outcome::UpToDate {
+                        serial: Some(a.serial),
+                    }
+                }
+                None => return Outcome::NoRelease,
+            },
+            Ok(Polled::Release(fetched)) => fetched,
+            Err(e) => {
+                return self.fail(
+                    e.code(),
+                    format!("cannot poll {}: {e}", self.config.channel),
+                    None,
+                )
+            }
+        };
+        let floor = self.state.accepted.as_ref().and_then(|a| {
+            Some(Accepted {
+                serial: a.serial,
+                digest: Digest::from_hex(&a.digest)?,
+            })
+        });
+        let context = VerifyContext {
+            fleet: self.config.fleet.clone(),
+            now: now(self.state.time_floor),
+            floor,
+        };
+        let verified = match release::verify(
+            &fetched.document,
+            &fetched.signatures,
+            &self.config.trust,
+            &context,
+        ) {
+            Ok(verified) => verified,
+            Err(e) => {
+                if e.code() == "signature_invalid" {
+                    // Maybe caught between the writes of the two files: fetch all next time.
+                    self.channel.forget();
+                }
+                return self.refuse(e.code(), e.to_string(), None);
+            }
+        };
+        self.accept(&verified);
+        self.decide(verified).await
+    }
+
+    fn refuse(&mut self, code: &str, message: String, serial: Option<u64>) -> Outcome {
+        log::warn!(code = code; "{message}");
+        self.record_error(code, &message, serial);
+        if let Err(e) = self.save() {
+            log::error!("{e}");
+        }
+        Outcome::Refused {
+            code: code.to_owned(),
+            message,
+        }
+    }
+
+    /// Raises the serial floor and the time floor to a verified release.
+    fn accept(&mut self, verified: &VerifiedRelease) {
+        let release = verified.release();
+        let newer = self
+            .state
+            .accepted
+            .as_ref()
+            .is_none_or(|a| a.serial < release.serial);
+        let later = release.issued_at > self.state.time_floor;
+        if newer {
+            log::info!(serial = release.serial.to_string().as_str(); "accepted release {} signed by {}", release.serial, verified.signed_by().join(", "));
+            self.state.accepted = Some(AcceptedRelease {
+                serial: release.serial,
+                digest: verified.digest().to_string(),
+                issued_at: release.issued_at,
+            });
+        }
+        if later {
+            self.state.time_floor = release.issued_at;
+        }
+        if newer || later {
+            if let Err(e) = self.save() {
+                log::error!("{e}");
+            }
+        }
+    }
+
+    /// Decides what a verified release means for this host, and applies it when needed.
+    async fn decide(&mut self, verified: VerifiedRelease) -> Outcome {
+        let serial = verified.serial();
+        let entry = match verified.host(&self.config.host) {
+            Ok(entry) => entry.clone(),
+            Err(e) => return self.refuse(e.code(), e.to_string(), Some(serial)),
+        };
+        let toplevel = entry.toplevel.as_str().to_owned();
+        if self.state.last_good.as_deref() == Some(toplevel.as_str()) {
+            if self
+                .state
+                .last_error
+                .as_ref()
+                .is_some_and(|e| e.serial.is_none() || e.serial == Some(serial))
+            {
+                self.state.last_error = None;
+                let _ = self.save();
+            }
+            return Outcome::UpToDate {
+                serial: Some(serial),
+            };
+        }
+        if self.state.bad.as_ref().is_some_and(|b| b.serial >= serial) {
+            return Outcome::KnownBad { serial };
+        }
+        let now = now(self.state.time_floor);
+        if let Some(not_before) = entry.not_before.filter(|t| *t > now) {
+            log::info!(serial = serial.to_string().as_str(); "release {serial} waits until {not_before} for this host");
+            return Outcome::Waiting { serial, not_before };
+        }
+        let tried = self
+            .state
+            .attempts
+            .as_ref()
+            .filter(|a| a.serial == serial && a.toplevel == toplevel)
+            .map_or(0, |a| a.count);
+        if tried >= self.config.max_attempts {
+            let message = format!(
+                "release {serial} failed {tried} times on this host: giving up until a higher \
+                 serial (a person should look at the last error)"
+            );
+            self.mark_bad(serial, &toplevel, "attempts_exhausted", &message);
+            log::error!(code = "attempts_exhausted"; "{message}");
+            return Outcome::Failed {
+                code: "attempts_exhausted".into(),
+                message,
+            };
+        }
+        self.apply(&verified, &toplevel).await
+    }
+}

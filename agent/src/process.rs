@@ -1,0 +1,133 @@
+//! The one subprocess helper: every `nix`, `systemctl`, `systemd-run` and
+//! `switch-to-configuration` the agent runs goes through [`run`].
+//!
+//! It logs the command line, captures stdout and stderr, kills the child's whole process group
+//! on timeout or cancellation, and its errors show the command, the exit status or signal, and
+//! the tail of stderr.
+
+use std::os::unix::process::ExitStatusExt as _;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+const STDERR_TAIL_LINES: usize = 15;
+
+/// A command that could not run or did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("could not start `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` {status}{}", tail(.stderr))]
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("`{command}` did not finish within {}: killed", humantime::format_duration(*.after))]
+    TimedOut { command: String, after: Duration },
+    #[error("`{command}` was cancelled: the agent is shutting down")]
+    Cancelled { command: String },
+}
+
+impl ProcessError {
+    /// Stderr of a command that ran and failed, for matching known Nix messages.
+    pub fn stderr(&self) -> &str {
+        match self {
+            Self::Failed { stderr, .. } => stderr,
+            _ => "",
+        }
+    }
+}
+
+fn tail(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.trim_end().lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let start = lines.len().saturating_sub(STDERR_TAIL_LINES);
+    format!(": {}", lines[start..].join(" / "))
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        (None, None) => "failed".into(),
+    }
+}
+
+/// Renders a command line for logs and errors.
+pub fn command_line(command: &Command) -> String {
+    let std = command.as_std();
+    std::iter::once(std.get_program())
+        .chain(std.get_args())
+        .map(|a| {
+            let a = a.to_string_lossy();
+            if a.is_empty() || a.contains([' ', '"', '\'', '\n']) {
+                format!("{a:?}")
+            } else {
+                a.into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Kills a whole process group (the child was made its leader), so grandchildren go too.
+async fn kill_group(pid: u32) {
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .arg(format!("-{pid}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+}
+
+/// Runs `command` to completion within `timeout`; returns its stdout when it exits 0.
+pub async fn run(
+    mut command: Command,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<Vec<u8>, ProcessError> {
+    let line = command_line(&command);
+    log::debug!("running {line}");
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = command.spawn().map_err(|source| ProcessError::Spawn {
+        command: line.clone(),
+        source,
+    })?;
+    let pid = child.id();
+    let outcome = tokio::select! {
+        output = child.wait_with_output() => Ok(output),
+        () = tokio::time::sleep(timeout) => Err(ProcessError::TimedOut { command: line.clone(), after: timeout }),
+        () = cancel.cancelled() => Err(ProcessError::Cancelled { command: line.clone() }),
+    };
+    match outcome {
+        Ok(Ok(output)) if output.status.success() => Ok(output.stdout),
+        Ok(Ok(output)) => Err(ProcessError::Failed {
+            command: line,
+            status: describe(output.status),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }),
+        Ok(Err(source)) => Err(ProcessError::Spawn {
+            command: line,
+            source,
+        }),
+        Err(error) => {
+            if let Some(pid) = pid {
+                kill_group(pid).await;
+            }
+            Err(error)
+        }
+    }
+}

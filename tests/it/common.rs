@@ -1,0 +1,162 @@
+//! What the integration tests share: an operator with a fleet, keys, a cache and channels, and
+//! simulated hosts following it.
+
+use fleet_agent::release::{self, Release, SecretKey, Signature, SignatureFile};
+use fleet_tests::fixture::FixtureFleet;
+use fleet_tests::git::{bare_repo, GitDaemon};
+use fleet_tests::host::{HostSettings, SimHost};
+use fleet_tests::http::HttpServer;
+use fleet_tests::nix::NixKey;
+use fleet_tests::{command, run, Run, TestDir};
+use std::path::{Path, PathBuf};
+
+/// Which channel a host follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Directory,
+    Http,
+    Git,
+}
+
+/// An operator's whole setup, with the servers running.
+pub struct Fleet {
+    pub dir: TestDir,
+    pub fleet: FixtureFleet,
+    pub release_key: PathBuf,
+    pub cache_key: NixKey,
+    pub cache_dir: PathBuf,
+    pub channel_dir: PathBuf,
+    pub git_remote: PathBuf,
+    pub cache_server: HttpServer,
+    pub www: HttpServer,
+    pub git_daemon: GitDaemon,
+}
+
+impl Fleet {
+    pub fn new(hosts: &[&str]) -> Self {
+        let dir = TestDir::new();
+        let fleet = FixtureFleet::new(dir.join("fleet"), hosts);
+        let release_key = dir.join("ops1.sec");
+        let mut keygen = command("fleet-sign");
+        keygen.args(["keygen", "ops1", "--out"]).arg(&release_key);
+        run(keygen).ok();
+        let cache_key = NixKey::generate(dir.path(), "cache-1");
+        let git_remote = bare_repo(&dir.join("remotes/fleet.git"));
+        let cache_dir = dir.join("cache");
+        let channel_dir = dir.join("www");
+        std::fs::create_dir_all(&cache_dir).unwrap();
+        std::fs::create_dir_all(&channel_dir).unwrap();
+        Self {
+            cache_server: HttpServer::serve(&cache_dir),
+            www: HttpServer::serve(&channel_dir),
+            git_daemon: GitDaemon::serve(&dir.join("remotes")),
+            cache_dir,
+            channel_dir,
+            release_key,
+            cache_key,
+            git_remote,
+            fleet,
+            dir,
+        }
+    }
+
+    pub fn release_public_key(&self) -> String {
+        std::fs::read_to_string(self.release_key.with_extension("sec.pub"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    pub fn secret_key(&self) -> SecretKey {
+        SecretKey::parse(&std::fs::read_to_string(&self.release_key).unwrap()).unwrap()
+    }
+
+    /// `fleet-sign release` to the directory and the git remote, with the cache over HTTP as
+    /// the substituter hint.
+    pub fn release(&self, extra: &[&str]) -> Run {
+        self.release_with(&[&self.release_key], extra)
+    }
+
+    pub fn release_with(&self, keys: &[&Path], extra: &[&str]) -> Run {
+        let mut c = command("fleet-sign");
+        c.arg("release")
+            .args(["--fleet", "home", "--flake", &self.fleet.flake_ref()])
+            .arg("--cache")
+            .arg(format!("file://{}", self.cache_dir.display()))
+            .arg("--cache-key")
+            .arg(&self.cache_key.secret)
+            .args(["--substituter", &self.cache_server.url()])
+            .args([
+                "--channel",
+                &format!("git+file://{}", self.git_remote.display()),
+            ])
+            .arg("--channel")
+            .arg(&self.channel_dir);
+        for key in keys {
+            c.arg("--key").arg(key);
+        }
+        c.args(extra);
+        run(c)
+    }
+
+    /// The channel URL a host uses.
+    pub fn channel_url(&self, channel: Channel) -> String {
+        match channel {
+            Channel::Directory => self.channel_dir.display().to_string(),
+            Channel::Http => self.www.url(),
+            Channel::Git => format!("git+{}", self.git_daemon.url("fleet.git")),
+        }
+    }
+
+    /// A simulated host installed with its current fixture system, following `channel`.
+    pub fn host(&mut self, name: &str, channel: Channel) -> SimHost {
+        let initial = self.fleet.build(name);
+        let keys = [self.release_public_key()];
+        let cache_keys = [self.cache_key.public_key()];
+        let url = self.channel_url(channel);
+        let settings = HostSettings {
+            fleet: "home",
+            trusted_keys: &keys,
+            threshold: 1,
+            channel: &url,
+            cache_keys: &cache_keys,
+        };
+        SimHost::install(
+            &self.dir.join(format!("hosts/{name}")),
+            name,
+            &initial,
+            &settings,
+        )
+    }
+
+    /// The release the directory channel holds now.
+    pub fn published(&self) -> (Vec<u8>, Release) {
+        let bytes = std::fs::read(self.channel_dir.join(release::DOCUMENT_FILE)).unwrap();
+        let parsed = serde_json::from_slice(&bytes).unwrap();
+        (bytes, parsed)
+    }
+
+    /// Writes `document` and `signatures` to the directory channel as they are.
+    pub fn publish_raw(&self, document: &[u8], signatures: &[u8]) {
+        std::fs::write(self.channel_dir.join(release::DOCUMENT_FILE), document).unwrap();
+        std::fs::write(self.channel_dir.join(release::SIGNATURE_FILE), signatures).unwrap();
+    }
+
+    /// Serializes `release` and signs it with `keys`, as fleet-sign would.
+    pub fn sign(release: &Release, keys: &[&SecretKey]) -> (Vec<u8>, Vec<u8>) {
+        let mut document = serde_json::to_vec_pretty(release).unwrap();
+        document.push(b'\n');
+        let message = release::signed_message(&document);
+        let file = SignatureFile {
+            signatures: keys
+                .iter()
+                .map(|k| Signature {
+                    key_name: k.name().to_owned(),
+                    bytes: k.sign(&message),
+                })
+                .collect(),
+            junk_lines: 0,
+        };
+        (document, file.render().into_bytes())
+    }
+}

@@ -1,0 +1,274 @@
+//! Simulated hosts: one `fleet-agent` each, with its own chroot store, system profile,
+//! current/booted system links, state directory and switch log, all below one directory.
+//!
+//! Generation 1 is copied into the host's store and set as its profile and current system, as
+//! if the host had been installed with it.
+
+use crate::nix::{nix, nix_env};
+use crate::{binary, run, Run};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// One simulated host.
+pub struct SimHost {
+    pub name: String,
+    pub root: PathBuf,
+    /// The chroot store (`--store`): the host's `/nix/store` is `<store>/nix/store`.
+    pub store: PathBuf,
+    pub state_dir: PathBuf,
+    pub profile: PathBuf,
+    pub current: PathBuf,
+    pub booted: PathBuf,
+    /// The boot default that `switch-to-configuration boot` sets.
+    pub boot_default: PathBuf,
+    /// Every `switch-to-configuration` call: "<action> <toplevel>".
+    pub switch_log: PathBuf,
+    /// Files here steer the fixture (`fail-test`, …); `network-cut` appears when cut off.
+    pub control: PathBuf,
+    pub config_path: PathBuf,
+    /// Nix keys this host's Nix trusts for substitution.
+    pub cache_keys: Vec<String>,
+}
+
+/// What a host's agent is told besides its paths.
+pub struct HostSettings<'a> {
+    pub fleet: &'a str,
+    pub trusted_keys: &'a [String],
+    pub threshold: usize,
+    pub channel: &'a str,
+    pub cache_keys: &'a [String],
+}
+
+impl SimHost {
+    /// Creates the host below `root`, installed with `initial` (a path in the machine's store).
+    pub fn install(root: &Path, name: &str, initial: &str, settings: &HostSettings) -> Self {
+        std::fs::create_dir_all(root.join("run")).unwrap();
+        std::fs::create_dir_all(root.join("control")).unwrap();
+        std::fs::create_dir_all(root.join("profiles")).unwrap();
+        let host = Self {
+            name: name.to_owned(),
+            root: root.to_path_buf(),
+            store: root.join("store"),
+            state_dir: root.join("state"),
+            profile: root.join("profiles/system"),
+            current: root.join("run/current-system"),
+            booted: root.join("run/booted-system"),
+            boot_default: root.join("boot-default"),
+            switch_log: root.join("switch.log"),
+            control: root.join("control"),
+            config_path: root.join("agent.toml"),
+            cache_keys: settings.cache_keys.to_vec(),
+        };
+        let mut copy = nix();
+        copy.args(["copy", "--no-check-sigs", "--to"])
+            .arg(&host.store)
+            .arg(initial);
+        run(copy).ok();
+        host.set_profile(initial);
+        for link in [&host.current, &host.booted, &host.boot_default] {
+            std::os::unix::fs::symlink(initial, link).unwrap();
+        }
+        host.write_config(settings, "", "");
+        host
+    }
+
+    fn set_profile(&self, path: &str) {
+        let mut command = Command::new("nix-env");
+        command
+            .envs(nix_env())
+            .arg("--store")
+            .arg(&self.store)
+            .arg("-p")
+            .arg(&self.profile)
+            .args(["--set", path]);
+        run(command).ok();
+    }
+
+    /// Writes the agent's config; `top` is added to the top-level settings and `health` to the
+    /// `[health]` table (e.g. `[[health.checks]]` entries, which must come last).
+    pub fn write_config(&self, settings: &HostSettings, top: &str, health: &str) {
+        let keys: Vec<String> = settings
+            .trusted_keys
+            .iter()
+            .map(|k| format!("\"{k}\""))
+            .collect();
+        let text = format!(
+            r#"fleet = "{fleet}"
+host = "{name}"
+trusted_keys = [{keys}]
+threshold = {threshold}
+channel = "{channel}"
+poll_interval = "2s"
+poll_splay = "0s"
+{top}
+[activation]
+mode = "direct"
+timeout = "20s"
+
+[health]
+window = "1s"
+interval = "200ms"
+
+[paths]
+state_dir = "{state}"
+system_profile = "{profile}"
+current_system = "{current}"
+booted_system = "{booted}"
+store = "{store}"
+store_root = "{store}"
+{health}
+"#,
+            fleet = settings.fleet,
+            name = self.name,
+            keys = keys.join(", "),
+            threshold = settings.threshold,
+            channel = settings.channel,
+            state = self.state_dir.display(),
+            profile = self.profile.display(),
+            current = self.current.display(),
+            booted = self.booted.display(),
+            store = self.store.display(),
+        );
+        std::fs::write(&self.config_path, text).unwrap();
+    }
+
+    /// The environment the agent runs with: the test Nix config trusting this host's cache
+    /// keys, and the fixture's links and log.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut nix_config = nix_env()[0].1.clone();
+        nix_config += &format!("\ntrusted-public-keys = {}", self.cache_keys.join(" "));
+        vec![
+            ("NIX_CONFIG".into(), nix_config),
+            (
+                "FLEET_FIXTURE_LOG".into(),
+                self.switch_log.display().to_string(),
+            ),
+            (
+                "FLEET_FIXTURE_CURRENT".into(),
+                self.current.display().to_string(),
+            ),
+            (
+                "FLEET_FIXTURE_BOOT".into(),
+                self.boot_default.display().to_string(),
+            ),
+            (
+                "FLEET_FIXTURE_CONTROL".into(),
+                self.control.display().to_string(),
+            ),
+        ]
+    }
+
+    /// A `fleet-agent` command for this host.
+    pub fn agent(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(binary("fleet-agent"));
+        command
+            .envs(self.env())
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args);
+        command
+    }
+
+    /// `fleet-agent once --json`.
+    pub fn once(&self) -> Run {
+        run(self.agent(&["once", "--json"]))
+    }
+
+    /// The outcome of `once --json` as JSON.
+    pub fn once_outcome(&self) -> (Option<i32>, serde_json::Value) {
+        let out = self.once();
+        let value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("once printed no JSON ({e}):\n{out}"));
+        (out.code, value)
+    }
+
+    /// Where a link points, as a logical store path.
+    fn link(path: &Path) -> Option<String> {
+        let mut current = path.to_path_buf();
+        for _ in 0..8 {
+            let target = std::fs::read_link(&current).ok()?;
+            let target = if target.is_absolute() {
+                target
+            } else {
+                current.parent()?.join(target)
+            };
+            if target.starts_with("/nix/store") {
+                return Some(target.display().to_string());
+            }
+            current = target;
+        }
+        None
+    }
+
+    /// The store path the system profile points at.
+    pub fn generation(&self) -> Option<String> {
+        Self::link(&self.profile)
+    }
+
+    /// How many generations the profile has.
+    pub fn generation_count(&self) -> usize {
+        std::fs::read_dir(self.profile.parent().unwrap())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                let name = name.to_string_lossy();
+                name.starts_with("system-") && name.ends_with("-link")
+            })
+            .count()
+    }
+
+    pub fn current_system(&self) -> Option<String> {
+        Self::link(&self.current)
+    }
+
+    pub fn boot_default(&self) -> Option<String> {
+        Self::link(&self.boot_default)
+    }
+
+    /// The `switch-to-configuration` calls so far.
+    pub fn switch_calls(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.switch_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The agent's state file, parsed.
+    pub fn state(&self) -> serde_json::Value {
+        let bytes = std::fs::read(self.state_dir.join("state.json")).expect("state file");
+        serde_json::from_slice(&bytes).expect("state file parses")
+    }
+
+    /// Whether `path` is valid in this host's store.
+    pub fn has(&self, path: &str) -> bool {
+        let mut command = nix();
+        command
+            .args(["path-info", "--store"])
+            .arg(&self.store)
+            .arg(path);
+        run(command).code == Some(0)
+    }
+
+    /// Asserts the host runs `toplevel` committed: profile, current system and boot default.
+    pub fn assert_on(&self, toplevel: &str) {
+        assert_eq!(
+            self.generation().as_deref(),
+            Some(toplevel),
+            "profile of {}",
+            self.name
+        );
+        assert_eq!(
+            self.current_system().as_deref(),
+            Some(toplevel),
+            "current system of {}",
+            self.name
+        );
+        assert_eq!(
+            self.boot_default().as_deref(),
+            Some(toplevel),
+            "boot default of {}",
+            self.name
+        );
+    }
+}

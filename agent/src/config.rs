@@ -48,6 +48,9 @@ pub struct RawConfig {
     /// Random extra delay added to each poll, so a fleet does not poll in lockstep; default 30s.
     #[serde(default = "default_splay", with = "humantime_serde")]
     pub poll_splay: Duration,
+    /// Longest one poll of the channel may take, stalls included; default 60s.
+    #[serde(default = "default_channel_timeout", with = "humantime_serde")]
+    pub channel_timeout: Duration,
     /// Longest wait between polls after repeated errors; default 1h.
     #[serde(default = "default_max_backoff", with = "humantime_serde")]
     pub max_backoff: Duration,
@@ -237,6 +240,9 @@ fn default_poll_interval() -> Duration {
 fn default_splay() -> Duration {
     Duration::from_secs(30)
 }
+fn default_channel_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_max_backoff() -> Duration {
     Duration::from_secs(3600)
 }
@@ -370,6 +376,7 @@ pub struct Config {
     pub ssh_key_file: Option<PathBuf>,
     pub poll_interval: Duration,
     pub poll_splay: Duration,
+    pub channel_timeout: Duration,
     pub max_backoff: Duration,
     pub realise: RealiseMode,
     pub substituters: Vec<String>,
@@ -468,6 +475,9 @@ impl Config {
         if raw.poll_interval < Duration::from_secs(1) {
             problems.push("poll_interval must be at least 1s".into());
         }
+        if raw.channel_timeout < Duration::from_secs(1) {
+            problems.push("channel_timeout must be at least 1s".into());
+        }
         if raw.max_attempts == 0 {
             problems.push("max_attempts must be at least 1".into());
         }
@@ -534,6 +544,7 @@ impl Config {
             ssh_key_file: raw.ssh_key_file,
             poll_interval: raw.poll_interval,
             poll_splay: raw.poll_splay,
+            channel_timeout: raw.channel_timeout,
             max_backoff: raw.max_backoff.max(raw.poll_interval),
             realise: raw.realise,
             substituters: raw.substituters,

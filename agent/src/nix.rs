@@ -143,22 +143,26 @@ impl Nix {
             Ok(_) => Ok(()),
             Err(error) => {
                 let stderr = error.stderr();
-                Err(if stderr.contains("lacks a valid signature") {
-                    NixError::Untrusted { path: path.into() }
-                } else if stderr.contains("don't know how to build")
-                    || stderr.contains("cannot build")
-                {
-                    NixError::NotInCache {
-                        path: path.into(),
-                        substituters: if substituters.is_empty() {
-                            "the host's Nix config only".into()
-                        } else {
-                            format!("{} and the host's Nix config", substituters.join(" "))
-                        },
-                    }
-                } else {
-                    error.into()
-                })
+                Err(
+                    if stderr.contains("lacks a valid signature")
+                        || stderr.contains("is not signed by any of the keys")
+                    {
+                        NixError::Untrusted { path: path.into() }
+                    } else if stderr.contains("don't know how to build")
+                        || stderr.contains("cannot build")
+                    {
+                        NixError::NotInCache {
+                            path: path.into(),
+                            substituters: if substituters.is_empty() {
+                                "the host's Nix config only".into()
+                            } else {
+                                format!("{} and the host's Nix config", substituters.join(" "))
+                            },
+                        }
+                    } else {
+                        error.into()
+                    },
+                )
             }
         }
     }

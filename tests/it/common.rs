@@ -24,6 +24,7 @@ pub struct Fleet {
     pub fleet: FixtureFleet,
     pub release_key: PathBuf,
     pub cache_key: NixKey,
+    pub cache_public_key: String,
     pub cache_dir: PathBuf,
     pub channel_dir: PathBuf,
     pub git_remote: PathBuf,
@@ -53,6 +54,7 @@ impl Fleet {
             cache_dir,
             channel_dir,
             release_key,
+            cache_public_key: cache_key.public_key(),
             cache_key,
             git_remote,
             fleet,
@@ -108,25 +110,30 @@ impl Fleet {
         }
     }
 
+    /// Host settings trusting `keys` with `threshold`, following `channel`.
+    pub fn settings<'a>(
+        &'a self,
+        keys: &'a [String],
+        threshold: usize,
+        channel: &'a str,
+    ) -> HostSettings<'a> {
+        HostSettings {
+            fleet: "home",
+            trusted_keys: keys,
+            threshold,
+            channel,
+            cache_keys: std::slice::from_ref(&self.cache_public_key),
+        }
+    }
+
     /// A simulated host installed with its current fixture system, following `channel`.
     pub fn host(&mut self, name: &str, channel: Channel) -> SimHost {
         let initial = self.fleet.build(name);
         let keys = [self.release_public_key()];
-        let cache_keys = [self.cache_key.public_key()];
         let url = self.channel_url(channel);
-        let settings = HostSettings {
-            fleet: "home",
-            trusted_keys: &keys,
-            threshold: 1,
-            channel: &url,
-            cache_keys: &cache_keys,
-        };
-        SimHost::install(
-            &self.dir.join(format!("hosts/{name}")),
-            name,
-            &initial,
-            &settings,
-        )
+        let settings = self.settings(&keys, 1, &url);
+        let root = self.dir.join(format!("hosts/{name}"));
+        SimHost::install(&root, name, &initial, &settings)
     }
 
     /// The release the directory channel holds now.
@@ -146,7 +153,13 @@ impl Fleet {
     pub fn sign(release: &Release, keys: &[&SecretKey]) -> (Vec<u8>, Vec<u8>) {
         let mut document = serde_json::to_vec_pretty(release).unwrap();
         document.push(b'\n');
-        let message = release::signed_message(&document);
+        let signatures = Self::sign_bytes(&document, keys);
+        (document, signatures)
+    }
+
+    /// A signature file over exactly `document`.
+    pub fn sign_bytes(document: &[u8], keys: &[&SecretKey]) -> Vec<u8> {
+        let message = release::signed_message(document);
         let file = SignatureFile {
             signatures: keys
                 .iter()
@@ -157,6 +170,6 @@ impl Fleet {
                 .collect(),
             junk_lines: 0,
         };
-        (document, file.render().into_bytes())
+        file.render().into_bytes()
     }
 }

@@ -2,4 +2,5 @@
 
 mod agent;
 mod common;
+mod refusals;
 mod release;

@@ -4,22 +4,28 @@
 //! idle poll is one small request answered `304 Not Modified`; the signatures only when the
 //! document changed.
 
-use super::{ChannelError, Fetched, Polled, CONNECT_TIMEOUT, FILES, POLL_TIMEOUT};
+use super::{ChannelError, Fetched, Polled, CONNECT_TIMEOUT, FILES};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::StatusCode;
+use std::time::Duration;
 
 /// Longest wait for the next bytes of a response before it counts as stalled.
-const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+const READ_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct HttpChannel {
     base: String,
     client: reqwest::Client,
+    timeout: Duration,
     /// ETag and Last-Modified of the document last fetched.
     validators: Option<(Option<HeaderValue>, Option<HeaderValue>)>,
 }
 
 impl HttpChannel {
-    pub fn new(base: String, token: Option<String>) -> Result<Self, ChannelError> {
+    pub fn new(
+        base: String,
+        token: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, ChannelError> {
         let mut headers = HeaderMap::new();
         if let Some(token) = token {
             let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
@@ -32,8 +38,8 @@ impl HttpChannel {
         }
         let client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
-            .timeout(POLL_TIMEOUT)
+            .read_timeout(READ_TIMEOUT.min(timeout))
+            .timeout(timeout)
             .user_agent(concat!("fleet-agent/", env!("CARGO_PKG_VERSION")))
             .default_headers(headers)
             .build()
@@ -41,6 +47,7 @@ impl HttpChannel {
         Ok(Self {
             base,
             client,
+            timeout,
             validators: None,
         })
     }
@@ -65,7 +72,10 @@ impl HttpChannel {
                 request = request.header(header::IF_MODIFIED_SINCE, modified.clone());
             }
         }
-        let response = request.send().await.map_err(|e| http_error(&url, e))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| http_error(&url, e, self.timeout))?;
         match response.status() {
             StatusCode::NOT_MODIFIED if conditional => Ok(None),
             status if status.is_success() => {
@@ -91,11 +101,11 @@ impl HttpChannel {
             response.headers().get(header::ETAG).cloned(),
             response.headers().get(header::LAST_MODIFIED).cloned(),
         );
-        let document = body(response, limit, &url).await?;
+        let document = body(response, limit, &url, self.timeout).await?;
         let (name, limit) = FILES[1];
         let signatures = match self.get(name, limit, false).await? {
             Some((response, _)) if response.status() == StatusCode::NOT_FOUND => Vec::new(),
-            Some((response, url)) => body(response, limit, &url).await?,
+            Some((response, url)) => body(response, limit, &url, self.timeout).await?,
             None => Vec::new(),
         };
         self.validators = Some(validators);
@@ -106,11 +116,11 @@ impl HttpChannel {
     }
 }
 
-fn http_error(url: &str, error: reqwest::Error) -> ChannelError {
+fn http_error(url: &str, error: reqwest::Error, after: Duration) -> ChannelError {
     if error.is_timeout() {
         ChannelError::TimedOut {
             what: url.to_owned(),
-            after: POLL_TIMEOUT,
+            after,
         }
     } else {
         ChannelError::Http(format!("cannot fetch {url}: {}", error_chain(&error)))
@@ -132,9 +142,14 @@ async fn body(
     mut response: reqwest::Response,
     limit: usize,
     url: &str,
+    timeout: Duration,
 ) -> Result<Vec<u8>, ChannelError> {
     let mut bytes = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| http_error(url, e))? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| http_error(url, e, timeout))?
+    {
         if bytes.len() + chunk.len() > limit {
             return Err(ChannelError::TooLarge {
                 what: url.to_owned(),

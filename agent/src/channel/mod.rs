@@ -14,8 +14,6 @@ use std::time::Duration;
 
 /// Longest a connection may take to open.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a whole poll may take.
-pub const POLL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most bytes one git fetch may receive.
 pub const MAX_GIT_FETCH_BYTES: usize = 64 << 20;
 
@@ -70,7 +68,12 @@ impl ChannelError {
 }
 
 /// One channel with what it remembers between polls (HTTP validators, the last git tip).
-pub enum Channel {
+pub struct Channel {
+    kind: Kind,
+    timeout: Duration,
+}
+
+enum Kind {
     Directory(dir::DirChannel),
     Http(http::HttpChannel),
     Git(git::GitChannel),
@@ -88,46 +91,51 @@ fn read_secret(path: &Option<PathBuf>) -> Result<Option<String>, ChannelError> {
 
 impl Channel {
     pub fn new(config: &Config) -> Result<Self, ChannelError> {
-        Ok(match &config.channel {
-            ChannelSpec::Directory(path) => Self::Directory(dir::DirChannel::new(path.clone())),
-            ChannelSpec::Http(url) => Self::Http(http::HttpChannel::new(
+        let kind = match &config.channel {
+            ChannelSpec::Directory(path) => Kind::Directory(dir::DirChannel::new(path.clone())),
+            ChannelSpec::Http(url) => Kind::Http(http::HttpChannel::new(
                 url.clone(),
                 read_secret(&config.token_file)?,
+                config.channel_timeout,
             )?),
-            ChannelSpec::Git { url, refname } => Self::Git(git::GitChannel::new(
+            ChannelSpec::Git { url, refname } => Kind::Git(git::GitChannel::new(
                 url.clone(),
                 refname.clone(),
                 config.state_dir.join("git"),
                 read_secret(&config.token_file)?,
                 config.ssh_key_file.clone(),
             )),
+        };
+        Ok(Self {
+            kind,
+            timeout: config.channel_timeout,
         })
     }
 
     /// Fetches the current release, or learns cheaply that it did not change.
     pub async fn poll(&mut self) -> Result<Polled, ChannelError> {
         let work = async {
-            match self {
-                Self::Directory(c) => c.poll().await,
-                Self::Http(c) => c.poll().await,
-                Self::Git(c) => c.poll().await,
+            match &mut self.kind {
+                Kind::Directory(c) => c.poll().await,
+                Kind::Http(c) => c.poll().await,
+                Kind::Git(c) => c.poll().await,
             }
         };
-        tokio::time::timeout(POLL_TIMEOUT, work)
+        tokio::time::timeout(self.timeout, work)
             .await
             .unwrap_or(Err(ChannelError::TimedOut {
                 what: "the release".into(),
-                after: POLL_TIMEOUT,
+                after: self.timeout,
             }))
     }
 
     /// Forgets what was seen, so the next poll fetches everything again (after a release
     /// that did not verify: it may have been caught between the writes of its two files).
     pub fn forget(&mut self) {
-        match self {
-            Self::Directory(_) => {}
-            Self::Http(c) => c.forget(),
-            Self::Git(c) => c.forget(),
+        match &mut self.kind {
+            Kind::Directory(_) => {}
+            Kind::Http(c) => c.forget(),
+            Kind::Git(c) => c.forget(),
         }
     }
 

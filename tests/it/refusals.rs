@@ -1,0 +1,356 @@
+//! SPEC §11 on a real host: every refusal keeps the current generation, reports its reason
+//! code, and fetches nothing from the cache.
+
+use crate::common::{Channel, Fleet};
+use fleet_agent::release::{Release, SecretKey, StorePath};
+use fleet_tests::fixture::FixtureFleet;
+use fleet_tests::host::SimHost;
+use fleet_tests::http::Mode;
+use fleet_tests::nix::{nix, NixKey};
+use fleet_tests::run;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A fleet whose host `a` runs v2 from a hand-signed release with serial 5, and has v3 in the
+/// cache, signed, ready to be named by the rows.
+struct Setup {
+    fleet: Fleet,
+    host: SimHost,
+    key: SecretKey,
+    base: Release,
+    v2: String,
+    v3: StorePath,
+}
+
+fn copy_to_cache(fleet: &Fleet, path: &str, key: &NixKey) {
+    let mut c = nix();
+    c.args(["copy", "--to"])
+        .arg(format!(
+            "file://{}?secret-key={}",
+            fleet.cache_dir.display(),
+            key.secret.display()
+        ))
+        .arg(path);
+    run(c).ok();
+}
+
+fn setup(channel: Channel) -> Setup {
+    let mut fleet = Fleet::new(&["a"]);
+    let host = fleet.host("a", channel);
+    fleet.fleet.set("a", |h| h.version = "2".into());
+    fleet.fleet.commit("a: v2");
+    fleet.release(&[]).ok();
+    let (_, mut base) = fleet.published();
+    let v2 = fleet.fleet.build("a");
+    fleet.fleet.set("a", |h| h.version = "3".into());
+    fleet.fleet.commit("a: v3");
+    let v3 = fleet.fleet.build("a");
+    copy_to_cache(&fleet, &v3, &fleet.cache_key);
+    let key = fleet.secret_key();
+    base.serial = 5;
+    base.issued_at = unix_now() - 60;
+    base.expires = unix_now() + 3600;
+    let (doc, sigs) = Fleet::sign(&base, &[&key]);
+    fleet.publish_raw(&doc, &sigs);
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    host.assert_on(&v2);
+    Setup {
+        v3: StorePath::parse(&v3).unwrap(),
+        fleet,
+        host,
+        key,
+        base,
+        v2,
+    }
+}
+
+impl Setup {
+    /// The base release moved to serial 6, naming v3: what a valid next release looks like.
+    fn next(&self) -> Release {
+        let mut next = self.base.clone();
+        next.serial = 6;
+        next.hosts.get_mut("a").unwrap().toplevel = self.v3.clone();
+        next
+    }
+
+    /// Runs one cycle and checks that nothing changed and nothing was fetched from the cache.
+    fn assert_refused(&self, what: &str, exit: i32, code: &str) {
+        let cache_requests = self.fleet.cache_server.requests().len();
+        let switches = self.host.switch_calls().len();
+        let (status, outcome) = self.host.once_outcome();
+        assert_eq!(status, Some(exit), "{what}: {outcome}");
+        assert_eq!(outcome["code"], code, "{what}: {outcome}");
+        self.host.assert_on(&self.v2);
+        assert_eq!(self.host.switch_calls().len(), switches, "{what}: switched");
+        assert_eq!(
+            self.fleet.cache_server.requests().len(),
+            cache_requests,
+            "{what}: fetched from the cache: {:?}",
+            self.fleet.cache_server.requests()
+        );
+        let state = self.host.state();
+        assert_eq!(state["last_error"]["code"], code, "{what}");
+        assert_eq!(state["accepted"]["serial"], 5, "{what}: the floor moved");
+    }
+}
+
+#[test]
+fn refusals_keep_the_generation_and_fetch_nothing() {
+    let s = setup(Channel::Directory);
+    let stranger = SecretKey::from_seed("ops1", [7; 32]).unwrap();
+    let other = SecretKey::from_seed("evil", [8; 32]).unwrap();
+    let next = s.next();
+    let sign = |r: &Release| Fleet::sign(r, &[&s.key]);
+
+    // Signatures.
+    let (doc, _) = sign(&next);
+    let rows: Vec<(&str, Vec<u8>, Vec<u8>, &str)> = vec![
+        (
+            "missing signature",
+            doc.clone(),
+            Vec::new(),
+            "signature_missing",
+        ),
+        (
+            "foreign key",
+            doc.clone(),
+            Fleet::sign(&next, &[&other]).1,
+            "signature_untrusted",
+        ),
+        (
+            "impostor key with a trusted name",
+            doc.clone(),
+            Fleet::sign(&next, &[&stranger]).1,
+            "signature_invalid",
+        ),
+        (
+            "corrupted signature",
+            doc.clone(),
+            {
+                let mut sig = sign(&next).1;
+                sig[10] = if sig[10] == b'A' { b'B' } else { b'A' };
+                sig
+            },
+            "signature_invalid",
+        ),
+        (
+            "tampered document",
+            {
+                let mut d = doc.clone();
+                let at = d.len() / 2;
+                d[at] ^= 1;
+                d
+            },
+            sign(&next).1,
+            "signature_invalid",
+        ),
+    ];
+    for (what, doc, sigs, code) in rows {
+        s.fleet.publish_raw(&doc, &sigs);
+        s.assert_refused(what, 3, code);
+    }
+
+    // Contents, each properly signed.
+    let mut rows: Vec<(&str, Release, &str)> = Vec::new();
+    let mut lower = next.clone();
+    lower.serial = 4;
+    rows.push(("lower serial", lower, "serial_too_low"));
+    let mut same = next.clone();
+    same.serial = 5;
+    rows.push(("same serial, other bytes", same, "serial_reused"));
+    let mut expired = next.clone();
+    expired.issued_at = unix_now() - 7200;
+    expired.expires = unix_now() - 3600;
+    rows.push(("expired", expired, "expired"));
+    let mut lab = next.clone();
+    lab.fleet = "lab".into();
+    rows.push(("wrong fleet", lab, "wrong_fleet"));
+    for (what, release, code) in rows {
+        let (doc, sigs) = sign(&release);
+        s.fleet.publish_raw(&doc, &sigs);
+        s.assert_refused(what, 3, code);
+    }
+
+    // Bytes no serializer would write, signed all the same.
+    let good = String::from_utf8(sign(&next).0).unwrap();
+    let raw_rows: Vec<(&str, String, &str)> = vec![
+        ("not JSON", "{ not json".into(), "malformed"),
+        (
+            "not a store path",
+            good.replace(s.v3.as_str(), "/etc/passwd"),
+            "malformed",
+        ),
+        (
+            "store path escaping the store",
+            good.replace(s.v3.as_str(), &format!("{}/../../../etc", s.v3)),
+            "malformed",
+        ),
+        (
+            "unknown field",
+            good.replacen(
+                "\"format\": 1,",
+                "\"format\": 1, \"activate_anyway\": true,",
+                1,
+            ),
+            "malformed",
+        ),
+    ];
+    for (what, doc, code) in raw_rows {
+        let doc = doc.into_bytes();
+        let sigs = Fleet::sign_bytes(&doc, &[&s.key]);
+        s.fleet.publish_raw(&doc, &sigs);
+        s.assert_refused(what, 3, code);
+    }
+
+    // Oversized: refused by the channel before the verifier sees it.
+    let huge = vec![b' '; fleet_agent::release::MAX_DOCUMENT_BYTES + 1];
+    s.fleet
+        .publish_raw(&huge, &Fleet::sign_bytes(&huge, &[&s.key]));
+    s.assert_refused("oversized document", 1, "too_large");
+
+    // Duplicated signature below a threshold of two.
+    let second = SecretKey::from_seed("ops2", [9; 32]).unwrap();
+    let keys = [s.fleet.release_public_key(), second.public().to_string()];
+    s.host.write_config(
+        &s.fleet
+            .settings(&keys, 2, &s.fleet.channel_url(Channel::Directory)),
+        "",
+        "",
+    );
+    let (doc, _) = sign(&next);
+    let doubled = [sign(&next).1, sign(&next).1].concat();
+    s.fleet.publish_raw(&doc, &doubled);
+    s.assert_refused(
+        "one key signing twice towards a threshold of two",
+        3,
+        "below_threshold",
+    );
+    // Both keys: accepted, v3 applied.
+    s.fleet
+        .publish_raw(&doc, &Fleet::sign(&next, &[&s.key, &second]).1);
+    let (code, outcome) = s.host.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    s.host.assert_on(s.v3.as_str());
+
+    // A genuine release without an entry for this host: refused, nothing changes, but its
+    // serial is the fleet's newest and becomes the floor (it is authentic).
+    let mut other_host = next.clone();
+    other_host.serial = 7;
+    let entry = other_host.hosts.remove("a").unwrap();
+    other_host.hosts.insert("b".into(), entry);
+    let (doc, sigs) = Fleet::sign(&other_host, &[&s.key, &second]);
+    s.fleet.publish_raw(&doc, &sigs);
+    let (code, outcome) = s.host.once_outcome();
+    assert_eq!(code, Some(3), "{outcome}");
+    assert_eq!(outcome["code"], "no_host_entry");
+    s.host.assert_on(s.v3.as_str());
+    assert_eq!(s.host.state()["accepted"]["serial"], 7);
+}
+
+#[test]
+fn clock_behind_the_time_floor_still_refuses_an_expired_release() {
+    let s = setup(Channel::Directory);
+    // A release issued "in the future" raises the host's time floor when accepted.
+    let mut future = s.next();
+    future.issued_at = unix_now() + 10_000;
+    future.expires = unix_now() + 20_000;
+    future.hosts.get_mut("a").unwrap().toplevel = StorePath::parse(&s.v2).unwrap();
+    let (doc, sigs) = Fleet::sign(&future, &[&s.key]);
+    s.fleet.publish_raw(&doc, &sigs);
+    let (code, outcome) = s.host.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    assert_eq!(s.host.state()["time_floor"], unix_now() + 10_000);
+    // By this machine's clock the next release is valid; by the floor it expired long ago.
+    let mut next = s.next();
+    next.serial = 7;
+    next.issued_at = unix_now();
+    next.expires = unix_now() + 3600;
+    let (doc, sigs) = Fleet::sign(&next, &[&s.key]);
+    s.fleet.publish_raw(&doc, &sigs);
+    let (code, outcome) = s.host.once_outcome();
+    assert_eq!(code, Some(3), "{outcome}");
+    assert_eq!(outcome["code"], "expired");
+    s.host.assert_on(&s.v2);
+}
+
+#[test]
+fn hostile_http_channel_is_bounded_and_changes_nothing() {
+    let s = setup(Channel::Http);
+    s.host.write_config(
+        &s.fleet
+            .settings(&[s.fleet.release_public_key()], 1, &s.fleet.www.url()),
+        "channel_timeout = \"3s\"",
+        "",
+    );
+    let (doc, sigs) = Fleet::sign(&s.next(), &[&s.key]);
+    s.fleet.publish_raw(&doc, &sigs);
+    for (mode, exit, code) in [
+        (Mode::Status(500), 1, "channel_unreachable"),
+        (Mode::Endless, 1, "too_large"),
+        (Mode::Stall, 1, "channel_timeout"),
+        (Mode::Truncate, 3, "signature_invalid"),
+        (Mode::Tamper, 3, "signature_invalid"),
+    ] {
+        s.fleet.www.set_mode(mode.clone());
+        let started = std::time::Instant::now();
+        s.assert_refused(&format!("{mode:?}"), exit, code);
+        // Bounded in time: the 3 s channel timeout plus process start-up, not minutes.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{mode:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    s.fleet.www.set_mode(Mode::Normal);
+    let (code, outcome) = s.host.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    s.host.assert_on(s.v3.as_str());
+}
+
+#[test]
+fn closures_unsigned_or_signed_by_an_untrusted_key_are_never_activated() {
+    let s = setup(Channel::Directory);
+    let rogue = NixKey::generate(s.fleet.dir.path(), "rogue-cache");
+    let rows = [("untrusted cache key", Some(&rogue)), ("unsigned", None)];
+    for (i, (what, signer)) in rows.into_iter().enumerate() {
+        // A v4 that only a rogue key (or none) signed, in a cache of its own.
+        let cache = s.fleet.dir.join(format!("rogue-cache-{i}"));
+        let mut fixture = FixtureFleet::new(s.fleet.dir.join(format!("rogue-{i}")), &["a"]);
+        fixture.set("a", |h| h.version = format!("4-{i}"));
+        fixture.commit("rogue");
+        let v4 = fixture.build("a");
+        let mut c = nix();
+        let url = match signer {
+            Some(key) => format!(
+                "file://{}?secret-key={}",
+                cache.display(),
+                key.secret.display()
+            ),
+            None => format!("file://{}", cache.display()),
+        };
+        c.args(["copy", "--to", &url, &v4]);
+        run(c).ok();
+        let mut release = s.next();
+        release.serial = 10 + i as u64;
+        release.substituters = vec![format!("file://{}", cache.display())];
+        release.hosts.get_mut("a").unwrap().toplevel = StorePath::parse(&v4).unwrap();
+        let (doc, sigs) = Fleet::sign(&release, &[&s.key]);
+        s.fleet.publish_raw(&doc, &sigs);
+        let switches = s.host.switch_calls().len();
+        let (code, outcome) = s.host.once_outcome();
+        assert_eq!(code, Some(1), "{what}: {outcome}");
+        assert_eq!(outcome["code"], "closure_untrusted", "{what}: {outcome}");
+        s.host.assert_on(&s.v2);
+        assert!(
+            !s.host.has(&v4),
+            "{what}: the closure entered the host's store"
+        );
+        assert_eq!(s.host.switch_calls().len(), switches);
+    }
+}

@@ -155,14 +155,25 @@ impl Default for RawHealth {
     }
 }
 
-/// One configured check: `type` says which.
+/// One configured check: `type` says which, and which other fields it takes.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCheck {
+    /// "unit", "http", "tcp" or "command".
+    #[serde(rename = "type")]
+    pub kind: CheckType,
     /// A name for logs and reports; default: derived from the check.
     pub name: Option<String>,
-    #[serde(flatten)]
-    pub kind: CheckKind,
+    /// type = "unit": the systemd unit that must be active.
+    pub unit: Option<String>,
+    /// type = "http": the URL to GET.
+    pub url: Option<String>,
+    /// type = "http": the status it must answer with; default 200.
+    pub status: Option<u16>,
+    /// type = "tcp": host:port that must accept a connection.
+    pub address: Option<String>,
+    /// type = "command": argv of a command that must exit 0.
+    pub command: Option<Vec<String>>,
     /// Whether failure rolls back (true, default) or is only reported (false).
     #[serde(default = "yes")]
     pub required: bool,
@@ -171,21 +182,95 @@ pub struct RawCheck {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckType {
+    Unit,
+    Http,
+    Tcp,
+    Command,
+}
+
+/// What a validated check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckKind {
     /// A systemd unit that must be active.
     Unit { unit: String },
-    /// An HTTP URL that must answer with `status` (default 200).
-    Http {
-        url: String,
-        #[serde(default = "default_status")]
-        status: u16,
-    },
+    /// An HTTP URL that must answer with `status`.
+    Http { url: String, status: u16 },
     /// A TCP address that must accept connections.
     Tcp { address: String },
     /// A command (argv) that must exit 0.
     Command { command: Vec<String> },
+}
+
+impl RawCheck {
+    /// The check's kind, or what is wrong with its fields.
+    fn validate(&self) -> Result<CheckKind, String> {
+        let given = [
+            ("unit", self.unit.is_some()),
+            ("url", self.url.is_some()),
+            ("status", self.status.is_some()),
+            ("address", self.address.is_some()),
+            ("command", self.command.is_some()),
+        ];
+        let (kind, allowed): (Result<CheckKind, String>, &[&str]) = match self.kind {
+            CheckType::Unit => (
+                match &self.unit {
+                    Some(unit) if !unit.is_empty() && !unit.contains('/') => {
+                        Ok(CheckKind::Unit { unit: unit.clone() })
+                    }
+                    Some(unit) => Err(format!("unit '{unit}' is invalid")),
+                    None => Err("type \"unit\" needs unit = \"name.service\"".into()),
+                },
+                &["unit"],
+            ),
+            CheckType::Http => (
+                match &self.url {
+                    Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                        Ok(CheckKind::Http {
+                            url: url.clone(),
+                            status: self.status.unwrap_or(200),
+                        })
+                    }
+                    Some(url) => Err(format!("'{url}' is not an http(s) URL")),
+                    None => Err("type \"http\" needs url = \"http://…\"".into()),
+                },
+                &["url", "status"],
+            ),
+            CheckType::Tcp => (
+                match &self.address {
+                    Some(address)
+                        if address
+                            .rsplit_once(':')
+                            .is_some_and(|(_, p)| p.parse::<u16>().is_ok()) =>
+                    {
+                        Ok(CheckKind::Tcp {
+                            address: address.clone(),
+                        })
+                    }
+                    Some(address) => Err(format!("address '{address}' is not host:port")),
+                    None => Err("type \"tcp\" needs address = \"host:port\"".into()),
+                },
+                &["address"],
+            ),
+            CheckType::Command => (
+                match &self.command {
+                    Some(command) if !command.is_empty() && !command[0].is_empty() => {
+                        Ok(CheckKind::Command {
+                            command: command.clone(),
+                        })
+                    }
+                    _ => Err("type \"command\" needs command = [\"program\", \"arg\", …]".into()),
+                },
+                &["command"],
+            ),
+        };
+        if let Some((field, _)) = given.iter().find(|(f, set)| *set && !allowed.contains(f)) {
+            return Err(format!("{field} does not apply to this type of check"));
+        }
+        kind
+    }
 }
 
 /// `[paths]`.
@@ -263,9 +348,6 @@ fn default_check_interval() -> Duration {
 }
 fn default_check_timeout() -> Duration {
     Duration::from_secs(10)
-}
-fn default_status() -> u16 {
-    200
 }
 fn default_state_dir() -> PathBuf {
     "/var/lib/fleet-agent".into()
@@ -486,40 +568,23 @@ impl Config {
         }
         let mut checks = Vec::new();
         for (i, check) in raw.health.checks.iter().enumerate() {
-            let default_name = match &check.kind {
-                CheckKind::Unit { unit } => {
-                    if unit.is_empty() || unit.contains('/') {
-                        problems.push(format!("health.checks[{i}]: unit '{unit}' is invalid"));
-                    }
-                    format!("unit {unit}")
+            match check.validate() {
+                Ok(kind) => {
+                    let default_name = match &kind {
+                        CheckKind::Unit { unit } => format!("unit {unit}"),
+                        CheckKind::Http { url, .. } => format!("http {url}"),
+                        CheckKind::Tcp { address } => format!("tcp {address}"),
+                        CheckKind::Command { command } => format!("command {}", command[0]),
+                    };
+                    checks.push(Check {
+                        name: check.name.clone().unwrap_or(default_name),
+                        kind,
+                        required: check.required,
+                        timeout: check.timeout,
+                    });
                 }
-                CheckKind::Http { url, .. } => {
-                    if !(url.starts_with("http://") || url.starts_with("https://")) {
-                        problems.push(format!("health.checks[{i}]: '{url}' is not an http URL"));
-                    }
-                    format!("http {url}")
-                }
-                CheckKind::Tcp { address } => {
-                    if !address.contains(':') {
-                        problems.push(format!(
-                            "health.checks[{i}]: address '{address}' needs a port (host:port)"
-                        ));
-                    }
-                    format!("tcp {address}")
-                }
-                CheckKind::Command { command } => {
-                    if command.is_empty() {
-                        problems.push(format!("health.checks[{i}]: command is empty"));
-                    }
-                    format!("command {}", command.first().map_or("", String::as_str))
-                }
-            };
-            checks.push(Check {
-                name: check.name.clone().unwrap_or(default_name),
-                kind: check.kind.clone(),
-                required: check.required,
-                timeout: check.timeout,
-            });
+                Err(problem) => problems.push(format!("health.checks[{i}]: {problem}")),
+            }
         }
         for (name, path) in [
             ("paths.state_dir", &raw.paths.state_dir),

@@ -128,11 +128,17 @@ impl Fleet {
 
     /// A simulated host installed with its current fixture system, following `channel`.
     pub fn host(&mut self, name: &str, channel: Channel) -> SimHost {
+        self.host_in(name, channel, name)
+    }
+
+    /// Like [`Self::host`], in `hosts/<dir>`: several simulated machines can then play the
+    /// same host of the release.
+    pub fn host_in(&mut self, name: &str, channel: Channel, dir: &str) -> SimHost {
         let initial = self.fleet.build(name);
         let keys = [self.release_public_key()];
         let url = self.channel_url(channel);
         let settings = self.settings(&keys, 1, &url);
-        let root = self.dir.join(format!("hosts/{name}"));
+        let root = self.dir.join(format!("hosts/{dir}"));
         SimHost::install(&root, name, &initial, &settings)
     }
 

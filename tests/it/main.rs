@@ -2,6 +2,7 @@
 
 mod agent;
 mod common;
+mod crash;
 mod refusals;
 mod release;
 mod rollback;

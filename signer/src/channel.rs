@@ -11,25 +11,21 @@
 
 use crate::git;
 use anyhow::{bail, Context as _, Result};
+use fleet_agent::config::ChannelSpec;
 use fleet_agent::release::{
     DOCUMENT_FILE, MAX_DOCUMENT_BYTES, MAX_SIGNATURE_FILE_BYTES, SIGNATURE_FILE,
 };
 use std::fmt;
 use std::io::{Read as _, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-/// The ref a git channel uses when none is given.
-pub const DEFAULT_GIT_REF: &str = "fleet-release";
+/// A channel, in the syntax the agent reads too (`fleet_agent::config::ChannelSpec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Channel(ChannelSpec);
+
 const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HTTP_TOTAL_TIMEOUT: Duration = Duration::from_secs(60);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Channel {
-    Directory(PathBuf),
-    Http(String),
-    Git { url: String, refname: String },
-}
 
 /// A release as read from a channel, not yet verified.
 #[derive(Debug, Clone)]
@@ -40,58 +36,23 @@ pub struct Published {
 
 impl fmt::Display for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Directory(path) => write!(f, "{}", path.display()),
-            Self::Http(url) => f.write_str(url),
-            Self::Git { url, refname } => write!(f, "git+{url}#{refname}"),
-        }
+        self.0.fmt(f)
     }
 }
 
 impl Channel {
     pub fn parse(text: &str) -> Result<Self> {
-        if let Some(rest) = text.strip_prefix("git+") {
-            let (url, refname) = match rest.rsplit_once('#') {
-                Some((url, refname)) => (url, refname),
-                None => (rest, DEFAULT_GIT_REF),
-            };
-            let valid_ref = !refname.is_empty()
-                && !refname.starts_with(['-', '/'])
-                && !refname.contains("..")
-                && refname
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
-            if url.is_empty() || !valid_ref {
-                bail!("git channel '{text}' is not of the form git+<url>[#<ref>]");
-            }
-            return Ok(Self::Git {
-                url: url.to_owned(),
-                refname: refname.to_owned(),
-            });
-        }
-        if text.starts_with("git://") {
-            return Self::parse(&format!("git+{text}"));
-        }
-        if text.starts_with("http://") || text.starts_with("https://") {
-            return Ok(Self::Http(text.trim_end_matches('/').to_owned()));
-        }
-        if let Some(path) = text.strip_prefix("file://") {
-            return Ok(Self::Directory(PathBuf::from(path)));
-        }
-        if text.contains("://") {
-            bail!(
-                "channel '{text}' has an unknown scheme: use a directory, http(s)://… or git+<url>"
-            );
-        }
-        Ok(Self::Directory(PathBuf::from(text)))
+        ChannelSpec::parse(text)
+            .map(Self)
+            .map_err(anyhow::Error::msg)
     }
 
     /// The release the channel holds now, or `None` when it holds none yet.
     pub fn read(&self) -> Result<Option<Published>> {
-        match self {
-            Self::Directory(dir) => read_directory(dir),
-            Self::Http(base) => read_http(base),
-            Self::Git { url, refname } => {
+        match &self.0 {
+            ChannelSpec::Directory(dir) => read_directory(dir),
+            ChannelSpec::Http(base) => read_http(base),
+            ChannelSpec::Git { url, refname } => {
                 let scratch = git::Scratch::new()?;
                 let Some(tip) = scratch.fetch_tip(url, refname)? else {
                     return Ok(None);
@@ -119,19 +80,19 @@ impl Channel {
 
     /// Publishes a signed release; returns where it went (a path or a commit).
     pub fn publish(&self, release: &Published, message: &str) -> Result<String> {
-        match self {
-            Self::Directory(dir) => {
+        match &self.0 {
+            ChannelSpec::Directory(dir) => {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("could not create directory {}", dir.display()))?;
                 write_atomic(&dir.join(DOCUMENT_FILE), &release.document)?;
                 write_atomic(&dir.join(SIGNATURE_FILE), &release.signatures)?;
                 Ok(dir.display().to_string())
             }
-            Self::Http(url) => bail!(
+            ChannelSpec::Http(url) => bail!(
                 "cannot publish to '{url}': fleet-sign publishes to a directory or a git remote; \
                  publish to the directory this URL serves"
             ),
-            Self::Git { url, refname } => {
+            ChannelSpec::Git { url, refname } => {
                 let scratch = git::Scratch::new()?;
                 let parent = scratch.fetch_tip(url, refname)?;
                 let files = [
@@ -249,9 +210,11 @@ mod tests {
 
     #[test]
     fn parses_channel_forms() {
-        let git = |url: &str, r: &str| Channel::Git {
-            url: url.into(),
-            refname: r.into(),
+        let git = |url: &str, r: &str| {
+            Channel(ChannelSpec::Git {
+                url: url.into(),
+                refname: r.into(),
+            })
         };
         assert_eq!(
             Channel::parse("git+file:///srv/f.git").unwrap(),
@@ -267,11 +230,15 @@ mod tests {
         );
         assert_eq!(
             Channel::parse("https://h/fleet/").unwrap(),
-            Channel::Http("https://h/fleet".into())
+            Channel(ChannelSpec::Http("https://h/fleet".into()))
         );
         assert_eq!(
             Channel::parse("file:///srv/www").unwrap(),
-            Channel::Directory("/srv/www".into())
+            Channel(ChannelSpec::Directory("/srv/www".into()))
+        );
+        assert_eq!(
+            Channel::parse("www").unwrap(),
+            Channel(ChannelSpec::Directory("www".into()))
         );
         assert!(Channel::parse("git+file:///x#--upload-pack=evil").is_err());
         assert!(Channel::parse("ftp://h/x").is_err());

@@ -131,6 +131,18 @@ impl Fleet {
         self.host_in(name, channel, name)
     }
 
+    /// A host on the machine's own store (it can build), with `top` added to its config.
+    pub fn host_on_machine_store(&mut self, name: &str, channel: Channel, top: &str) -> SimHost {
+        let initial = self.fleet.build(name);
+        let keys = [self.release_public_key()];
+        let url = self.channel_url(channel);
+        let settings = self.settings(&keys, 1, &url);
+        let root = self.dir.join(format!("hosts/{name}"));
+        let host = SimHost::install_with_store(&root, name, &initial, &settings, false);
+        host.write_config(&settings, top, "");
+        host
+    }
+
     /// Like [`Self::host`], in `hosts/<dir>`: several simulated machines can then play the
     /// same host of the release.
     pub fn host_in(&mut self, name: &str, channel: Channel, dir: &str) -> SimHost {

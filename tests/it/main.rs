@@ -1,6 +1,7 @@
 //! The integration test binary: real Nix, real git, real HTTP on loopback.
 
 mod agent;
+mod build;
 mod common;
 mod crash;
 mod refusals;

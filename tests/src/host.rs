@@ -13,8 +13,10 @@ use std::process::Command;
 pub struct SimHost {
     pub name: String,
     pub root: PathBuf,
-    /// The chroot store (`--store`): the host's `/nix/store` is `<store>/nix/store`.
-    pub store: PathBuf,
+    /// The chroot store (`--store`): the host's `/nix/store` is `<store>/nix/store`; `None`
+    /// for a host that uses the machine's own store (needed to build: builds in a chroot
+    /// store need a sandbox holding `/bin/sh`).
+    pub store: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub profile: PathBuf,
     pub current: PathBuf,
@@ -42,13 +44,24 @@ pub struct HostSettings<'a> {
 impl SimHost {
     /// Creates the host below `root`, installed with `initial` (a path in the machine's store).
     pub fn install(root: &Path, name: &str, initial: &str, settings: &HostSettings) -> Self {
+        Self::install_with_store(root, name, initial, settings, true)
+    }
+
+    /// Like [`Self::install`]; `chroot = false` makes the host use the machine's store.
+    pub fn install_with_store(
+        root: &Path,
+        name: &str,
+        initial: &str,
+        settings: &HostSettings,
+        chroot: bool,
+    ) -> Self {
         std::fs::create_dir_all(root.join("run")).unwrap();
         std::fs::create_dir_all(root.join("control")).unwrap();
         std::fs::create_dir_all(root.join("profiles")).unwrap();
         let host = Self {
             name: name.to_owned(),
             root: root.to_path_buf(),
-            store: root.join("store"),
+            store: chroot.then(|| root.join("store")),
             state_dir: root.join("state"),
             profile: root.join("profiles/system"),
             current: root.join("run/current-system"),
@@ -59,11 +72,13 @@ impl SimHost {
             config_path: root.join("agent.toml"),
             cache_keys: settings.cache_keys.to_vec(),
         };
-        let mut copy = nix();
-        copy.args(["copy", "--no-check-sigs", "--to"])
-            .arg(&host.store)
-            .arg(initial);
-        run(copy).ok();
+        if let Some(store) = &host.store {
+            let mut copy = nix();
+            copy.args(["copy", "--no-check-sigs", "--to"])
+                .arg(store)
+                .arg(initial);
+            run(copy).ok();
+        }
         host.set_profile(initial);
         for link in [&host.current, &host.booted, &host.boot_default] {
             std::os::unix::fs::symlink(initial, link).unwrap();
@@ -74,13 +89,11 @@ impl SimHost {
 
     fn set_profile(&self, path: &str) {
         let mut command = Command::new("nix-env");
-        command
-            .envs(nix_env())
-            .arg("--store")
-            .arg(&self.store)
-            .arg("-p")
-            .arg(&self.profile)
-            .args(["--set", path]);
+        command.envs(nix_env());
+        if let Some(store) = &self.store {
+            command.arg("--store").arg(store);
+        }
+        command.arg("-p").arg(&self.profile).args(["--set", path]);
         run(command).ok();
     }
 
@@ -114,8 +127,7 @@ state_dir = "{state}"
 system_profile = "{profile}"
 current_system = "{current}"
 booted_system = "{booted}"
-store = "{store}"
-store_root = "{store}"
+{store}
 {health}
 "#,
             fleet = settings.fleet,
@@ -127,7 +139,14 @@ store_root = "{store}"
             profile = self.profile.display(),
             current = self.current.display(),
             booted = self.booted.display(),
-            store = self.store.display(),
+            store = match &self.store {
+                Some(store) => format!(
+                    "store = \"{}\"\nstore_root = \"{}\"",
+                    store.display(),
+                    store.display()
+                ),
+                None => String::new(),
+            },
         );
         std::fs::write(&self.config_path, text).unwrap();
     }
@@ -243,10 +262,11 @@ store_root = "{store}"
     /// Whether `path` is valid in this host's store.
     pub fn has(&self, path: &str) -> bool {
         let mut command = nix();
-        command
-            .args(["path-info", "--store"])
-            .arg(&self.store)
-            .arg(path);
+        command.arg("path-info");
+        if let Some(store) = &self.store {
+            command.arg("--store").arg(store);
+        }
+        command.arg(path);
         run(command).code == Some(0)
     }
 

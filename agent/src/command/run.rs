@@ -139,3 +139,37 @@ async fn daemon(config: Config) -> u8 {
     log::info!("fleet-agent stopped");
     0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(splay: &str) -> Config {
+        let text = format!(
+            "fleet = \"home\"\nhost = \"h\"\ntrusted_keys = \
+             [\"ops1:kQrJ0Q2bTIw7r8pQw3dKsyWyHc8M2oLPtY1r0Qy0mTE=\"]\nchannel = \"/srv/r\"\n\
+             poll_interval = \"60s\"\npoll_splay = \"{splay}\"\nmax_backoff = \"10m\""
+        );
+        Config::from_raw(toml::from_str(&text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn delays_speed_up_after_changes_and_back_off_on_errors() {
+        let c = config("0s");
+        assert_eq!(next_delay(&c, 0, 0), Duration::from_secs(60));
+        assert_eq!(next_delay(&c, 0, 2), Duration::from_secs(15));
+        assert_eq!(next_delay(&c, 1, 0), Duration::from_secs(120));
+        assert_eq!(next_delay(&c, 3, 0), Duration::from_secs(480));
+        assert_eq!(next_delay(&c, 30, 0), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn splay_spreads_polls_within_its_bound() {
+        let c = config("30s");
+        let delays: Vec<Duration> = (0..200).map(|_| next_delay(&c, 0, 0)).collect();
+        assert!(delays
+            .iter()
+            .all(|d| *d >= Duration::from_secs(60) && *d <= Duration::from_secs(90)));
+        assert!(delays.iter().any(|d| *d != delays[0]), "no spread at all");
+    }
+}

@@ -1,1 +1,145 @@
+//! Config parsing and validation, including the wording of its errors.
 
+use super::*;
+
+const KEY: &str = "ops1:kQrJ0Q2bTIw7r8pQw3dKsyWyHc8M2oLPtY1r0Qy0mTE=";
+
+fn parse(text: &str) -> Result<Config, String> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+    Config::from_raw(raw).map_err(|p| p.join("; "))
+}
+
+fn minimal(extra: &str) -> String {
+    format!(
+        "fleet = \"home\"\nhost = \"router1\"\ntrusted_keys = [\"{KEY}\"]\nchannel = \
+         \"git+https://git.example.org/fleet.git\"\n{extra}"
+    )
+}
+
+#[test]
+fn minimal_config_gets_the_documented_defaults() {
+    let config = parse(&minimal("")).unwrap();
+    assert_eq!(config.poll_interval, Duration::from_secs(300));
+    assert_eq!(config.realise, RealiseMode::Substitute);
+    assert_eq!(config.max_attempts, 3);
+    assert_eq!(config.trust.threshold(), 1);
+    assert_eq!(
+        config.channel,
+        ChannelSpec::Git {
+            url: "https://git.example.org/fleet.git".into(),
+            refname: "fleet-release".into()
+        }
+    );
+    assert_eq!(
+        config.system_profile,
+        Path::new("/nix/var/nix/profiles/system")
+    );
+    assert_eq!(config.current_system, Path::new("/run/current-system"));
+    assert!(config.no_failed_units && config.channel_reachable);
+}
+
+#[test]
+fn checks_of_every_type_parse() {
+    let config = parse(&minimal(
+        r#"
+[health]
+window = "2m"
+[[health.checks]]
+type = "unit"
+unit = "sshd.service"
+[[health.checks]]
+type = "http"
+url = "http://127.0.0.1:8080/health"
+status = 204
+required = false
+[[health.checks]]
+type = "tcp"
+address = "127.0.0.1:22"
+timeout = "3s"
+[[health.checks]]
+name = "db"
+type = "command"
+command = ["pg_isready"]
+"#,
+    ))
+    .unwrap();
+    let names: Vec<&str> = config.checks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "unit sshd.service",
+            "http http://127.0.0.1:8080/health",
+            "tcp 127.0.0.1:22",
+            "db"
+        ]
+    );
+    assert!(!config.checks[1].required);
+    assert_eq!(config.checks[2].timeout, Duration::from_secs(3));
+    assert_eq!(config.health_window, Duration::from_secs(120));
+}
+
+#[test]
+fn refusals_name_the_problem() {
+    let rows = [
+        ("unknown = 1", "unknown field `unknown`"),
+        (
+            "threshold = 2",
+            "threshold 2 is impossible with 1 trusted keys",
+        ),
+        ("poll_interval = \"soon\"", "'soon' is not a duration"),
+        ("max_attempts = 0", "max_attempts must be at least 1"),
+        (
+            "token_file = \"/nix/store/abc-token\"",
+            "which every user can read",
+        ),
+        (
+            "realise = \"build-always\"",
+            "unknown variant `build-always`",
+        ),
+        (
+            "[[health.checks]]\ntype = \"tcp\"\naddress = \"localhost\"",
+            "address 'localhost' is not host:port",
+        ),
+        (
+            "[[health.checks]]\ntype = \"unit\"",
+            "type \"unit\" needs unit",
+        ),
+        (
+            "[[health.checks]]\ntype = \"unit\"\nunit = \"a\"\nurl = \"http://x\"",
+            "url does not apply",
+        ),
+        (
+            "[[health.checks]]\ntype = \"tcp\"\naddress = \"h:1\"\nunit = \"x\"",
+            "unit does not apply",
+        ),
+        (
+            "[[health.checks]]\ntype = \"ping\"",
+            "unknown variant `ping`",
+        ),
+        (
+            "[paths]\nstate_dir = \"state\"",
+            "paths.state_dir 'state' must be absolute",
+        ),
+    ];
+    for (extra, needle) in rows {
+        let error = parse(&minimal(extra)).unwrap_err();
+        assert!(error.contains(needle), "{extra}: {error}");
+    }
+    let error =
+        parse("fleet = \"home\"\nhost = \"h\"\ntrusted_keys = []\nchannel = \"relative/dir\"")
+            .unwrap_err();
+    assert_eq!(
+        error,
+        "trusted_keys is empty: list the release keys this host trusts; channel directory \
+         'relative/dir' must be absolute"
+    );
+}
+
+#[test]
+fn physical_paths_follow_the_store_root() {
+    let config = parse(&minimal("[paths]\nstore_root = \"/srv/h1/store\"")).unwrap();
+    assert_eq!(
+        config.physical("/nix/store/abc-system"),
+        Path::new("/srv/h1/store/nix/store/abc-system")
+    );
+}

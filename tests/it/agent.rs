@@ -5,7 +5,12 @@ use crate::common::{Channel, Fleet};
 
 #[test]
 fn happy_path_over_each_channel() {
-    for channel in [Channel::Directory, Channel::Http, Channel::Git] {
+    for channel in [
+        Channel::Directory,
+        Channel::Http,
+        Channel::Git,
+        Channel::GitFile,
+    ] {
         let mut fleet = Fleet::new(&["a"]);
         let host = fleet.host("a", channel);
         let v1 = fleet.fleet.build("a");

@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 pub enum Channel {
     Directory,
     Http,
+    /// git over `git daemon` on loopback (shallow fetch).
     Git,
+    /// git from a local bare repository (libgit2's local transport: no shallow fetch).
+    GitFile,
 }
 
 /// An operator's whole setup, with the servers running.
@@ -107,6 +110,7 @@ impl Fleet {
             Channel::Directory => self.channel_dir.display().to_string(),
             Channel::Http => self.www.url(),
             Channel::Git => format!("git+{}", self.git_daemon.url("fleet.git")),
+            Channel::GitFile => format!("git+file://{}", self.git_remote.display()),
         }
     }
 

@@ -117,9 +117,14 @@ impl Job {
         let mut options = git2::FetchOptions::new();
         options
             .remote_callbacks(callbacks)
-            .depth(1)
             .download_tags(git2::AutotagOption::None)
             .update_fetchhead(false);
+        // libgit2's local transport cannot fetch shallowly; a local fetch copies only the
+        // objects of the one ref anyway.
+        let local = self.url.starts_with("file://") || self.url.starts_with('/');
+        if !local {
+            options.depth(1);
+        }
         if let Err(error) = remote.fetch(&[&refspec], Some(&mut options), None) {
             let stats = remote.stats();
             if stats.received_bytes() > MAX_GIT_FETCH_BYTES {

@@ -1,0 +1,129 @@
+# services.fleet-agent: the agent on every host of the fleet.
+#
+# The agent pulls signed releases, substitutes its own system, tries it with
+# switch-to-configuration test, and commits it only when healthy. It never listens on a socket.
+{ config, lib, pkgs, ... }:
+let
+  cfg = config.services.fleet-agent;
+  settingsFormat = pkgs.formats.toml { };
+  # TOML has no null: drop unset optional settings.
+  settings = lib.filterAttrsRecursive (_: value: value != null) cfg.settings;
+  configFile = settingsFormat.generate "fleet-agent.toml" settings;
+  # Validated at build time, so a bad config fails nixos-rebuild instead of the host.
+  checkedConfigFile = pkgs.runCommand "fleet-agent-checked.toml" { nativeBuildInputs = [ cfg.package ]; } ''
+    fleet-agent check-config ${configFile}
+    cp ${configFile} $out
+  '';
+  secretOption = description: lib.mkOption {
+    type = lib.types.nullOr lib.types.str;
+    default = null;
+    example = "/run/secrets/fleet-channel";
+    description = "${description} A path outside the Nix store (the store is world-readable).";
+  };
+in
+{
+  options.services.fleet-agent = {
+    enable = lib.mkEnableOption "fleet-agent, which pulls signed releases and keeps them only when healthy";
+
+    package = lib.mkPackageOption pkgs "fleet" { };
+
+    settings = lib.mkOption {
+      description = ''
+        The agent's configuration (docs/fleet-agent.md has every key), rendered to TOML and checked
+        with `fleet-agent check-config` at build time.
+      '';
+      default = { };
+      type = lib.types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          fleet = lib.mkOption {
+            type = lib.types.str;
+            example = "home";
+            description = "The fleet this host belongs to; releases for another fleet are refused.";
+          };
+          host = lib.mkOption {
+            type = lib.types.str;
+            default = config.networking.hostName;
+            defaultText = lib.literalExpression "config.networking.hostName";
+            description = "This host's name in releases.";
+          };
+          trusted_keys = lib.mkOption {
+            type = lib.types.listOf lib.types.str;
+            example = [ "ops-2026:49SIOpjnGSp5r+SsncgIRf6j4OKvy4m67GEJc2oWQ3s=" ];
+            description = "Release public keys this host trusts, as `fleet-sign keygen` prints them.";
+          };
+          threshold = lib.mkOption {
+            type = lib.types.ints.positive;
+            default = 1;
+            description = "How many distinct trusted keys must have signed a release.";
+          };
+          channel = lib.mkOption {
+            type = lib.types.str;
+            example = "git+https://git.example.org/fleet.git#fleet-release";
+            description = "Where releases come from: a directory, an http(s) base URL, or git+<url>[#<ref>].";
+          };
+          realise = lib.mkOption {
+            type = lib.types.enum [ "substitute" "substitute-or-build" ];
+            default = "substitute";
+            description = ''
+              "substitute": fetch the system from binary caches only, never build.
+              "substitute-or-build": build from the signed source commit when no cache has it
+              (needs the RAM and time to evaluate the fleet on this host).
+            '';
+          };
+          token_file = secretOption "A file holding a bearer token (http) or HTTPS password (git).";
+          ssh_key_file = secretOption "An SSH deploy key for git+ssh channels.";
+        };
+      };
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.settings.trusted_keys != [ ];
+        message = "services.fleet-agent.settings.trusted_keys is empty: list the release public keys (fleet-sign keygen prints them).";
+      }
+      {
+        assertion = cfg.settings.threshold <= lib.length cfg.settings.trusted_keys;
+        message = "services.fleet-agent.settings.threshold is above the number of trusted_keys: no release could ever be accepted.";
+      }
+      {
+        assertion = lib.all (f: f == null || !lib.isStorePath f) [ cfg.settings.token_file cfg.settings.ssh_key_file ];
+        message = "services.fleet-agent.settings.token_file and ssh_key_file must be paths outside the Nix store: the store is readable by every user.";
+      }
+      {
+        assertion = config.nix.settings.require-sigs or true;
+        message = "services.fleet-agent needs nix.settings.require-sigs = true: it refuses to install closures without Nix's signature checks.";
+      }
+    ];
+
+    environment.systemPackages = [ cfg.package ];
+    environment.etc."fleet-agent/config.toml".source = checkedConfigFile;
+
+    systemd.services.fleet-agent = {
+      description = "fleet-agent: pull, verify and apply signed NixOS releases";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      # The agent switches the system itself: a switch must never restart or stop it midway.
+      # It picks up a new version of itself after the commit, at its next start.
+      restartIfChanged = false;
+      stopIfChanged = false;
+      unitConfig.X-StopOnRemoval = false;
+      path = [ config.nix.package config.systemd.package pkgs.coreutils ];
+      serviceConfig = {
+        ExecStart = "${lib.getExe' cfg.package "fleet-agent"} --config /etc/fleet-agent/config.toml run";
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        Restart = "always";
+        RestartSec = "10s";
+        StateDirectory = "fleet-agent";
+        StateDirectoryMode = "0700";
+        # A stop during a health window rolls back first.
+        TimeoutStopSec = "15min";
+        # No hardening that would stop it: it runs switch-to-configuration (through
+        # systemd-run) and writes the system profile, which needs root and a writable /nix.
+      };
+    };
+  };
+}

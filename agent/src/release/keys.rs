@@ -94,6 +94,20 @@ impl PublicKey {
         })
     }
 
+    /// Checks the text form (name, base64, 32 bytes) without decoding the curve point.
+    pub fn check_syntax(text: &str) -> Result<(), KeyError> {
+        let (name, bytes) = split_key(text)?;
+        if bytes.len() != 32 {
+            return Err(KeyError::BadLength {
+                name: name.to_owned(),
+                got: bytes.len(),
+                expected: 32,
+                other: "secret",
+            });
+        }
+        Ok(())
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

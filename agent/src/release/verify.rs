@@ -264,21 +264,21 @@ pub fn verify(
         SignatureFile::parse(signature_file).map_err(VerifyError::SignatureFileMalformed)?;
     let signed_by = check_signatures(document, &signatures, trust)?;
 
-    #[derive(serde::Deserialize)]
-    struct FormatProbe {
-        format: u32,
-    }
-    let probe: FormatProbe =
-        serde_json::from_slice(document).map_err(|e| VerifyError::Malformed(e.to_string()))?;
-    if probe.format != FORMAT_VERSION {
-        return Err(VerifyError::Malformed(format!(
-            "release format {} is not supported (this build reads format {FORMAT_VERSION}): \
-             upgrade fleet",
-            probe.format
-        )));
-    }
-    let release: Release =
-        serde_json::from_slice(document).map_err(|e| VerifyError::Malformed(e.to_string()))?;
+    let release: Release = serde_json::from_slice(document).map_err(|e| {
+        // A newer format has fields this build does not know: say so rather than "unknown field".
+        #[derive(serde::Deserialize)]
+        struct FormatProbe {
+            format: u32,
+        }
+        match serde_json::from_slice::<FormatProbe>(document) {
+            Ok(probe) if probe.format != FORMAT_VERSION => VerifyError::Malformed(format!(
+                "release format {} is not supported (this build reads format {FORMAT_VERSION}): \
+                 upgrade fleet",
+                probe.format
+            )),
+            _ => VerifyError::Malformed(e.to_string()),
+        }
+    })?;
     release.validate().map_err(VerifyError::Malformed)?;
 
     if release.fleet != context.fleet {

@@ -1,8 +1,9 @@
 # The host factory: turns one inventory entry into something shaped like a NixOS system, with a
 # toplevel built by /bin/sh (no nixpkgs is reachable in tests). The toplevel holds what the agent
 # looks at: bin/switch-to-configuration, nixos-version, kernel, initrd. `salt` makes store paths
-# unique to one test, so tests sharing the machine's store never share a system.
-{ name, system, type ? "server", version ? "1", behaviour ? "ok", kernel ? "6.1.0", salt ? "" }:
+# unique to one test, so tests sharing the machine's store never share a system; `payloadMiB`
+# adds that much incompressible data, for benchmarks that need a closure of realistic size.
+{ name, system, type ? "server", version ? "1", behaviour ? "ok", kernel ? "6.1.0", salt ? "", payloadMiB ? 0 }:
 let
   toplevel = derivation {
     name = "nixos-system-${name}-${version}";
@@ -17,6 +18,9 @@ let
       echo "${behaviour}" > $out/behaviour
       echo "${type}" > $out/host-type
       echo "${salt}" > $out/salt
+      if [ ${toString payloadMiB} -gt 0 ]; then
+        /bin/dd if=/dev/urandom of=$out/payload bs=1M count=${toString payloadMiB} 2>/dev/null
+      fi
       echo "linux ${kernel}" > $out/kernel
       echo "initrd ${kernel}" > $out/initrd
     '' ];

@@ -111,9 +111,8 @@ host = "{name}"
 trusted_keys = [{keys}]
 threshold = {threshold}
 channel = "{channel}"
-poll_interval = "2s"
 poll_splay = "0s"
-{top}
+{poll_interval}{top}
 [activation]
 mode = "direct"
 timeout = "20s"
@@ -135,6 +134,12 @@ booted_system = "{booted}"
             keys = keys.join(", "),
             threshold = settings.threshold,
             channel = settings.channel,
+            // Short unless the caller sets its own.
+            poll_interval = if top.contains("poll_interval") {
+                ""
+            } else {
+                "poll_interval = \"2s\"\n"
+            },
             state = self.state_dir.display(),
             profile = self.profile.display(),
             current = self.current.display(),

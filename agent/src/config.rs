@@ -42,6 +42,9 @@ pub struct RawConfig {
     pub token_file: Option<PathBuf>,
     /// An SSH private key file for git+ssh channels.
     pub ssh_key_file: Option<PathBuf>,
+    /// A known_hosts file holding the git server's host key (git+ssh channels); default: the
+    /// ssh client's own known_hosts files. Unknown host keys are never accepted.
+    pub ssh_known_hosts_file: Option<PathBuf>,
     /// Time between polls when idle; default 5m.
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -456,6 +459,7 @@ pub struct Config {
     pub channel: ChannelSpec,
     pub token_file: Option<PathBuf>,
     pub ssh_key_file: Option<PathBuf>,
+    pub ssh_known_hosts_file: Option<PathBuf>,
     pub poll_interval: Duration,
     pub poll_splay: Duration,
     pub channel_timeout: Duration,
@@ -607,6 +611,7 @@ impl Config {
             channel,
             token_file: raw.token_file,
             ssh_key_file: raw.ssh_key_file,
+            ssh_known_hosts_file: raw.ssh_known_hosts_file,
             poll_interval: raw.poll_interval,
             poll_splay: raw.poll_splay,
             channel_timeout: raw.channel_timeout,

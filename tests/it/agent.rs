@@ -135,3 +135,96 @@ fn the_daemon_polls_at_once_on_poll_now_and_stops_on_sigterm() {
     assert_eq!(status.code(), Some(0));
     assert!(!host.state_dir.join("agent.json").exists());
 }
+
+#[test]
+fn git_over_smart_http_with_a_token_and_over_ssh_with_a_deploy_key() {
+    use fleet_tests::git::{GitHttpServer, SshServer};
+    let mut fleet = Fleet::new(&["a"]);
+    fleet.fleet.set("a", |h| h.version = "1".into());
+    let token_file = fleet.dir.join("token");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let wrong_token = fleet.dir.join("wrong-token");
+    std::fs::write(&wrong_token, "guess").unwrap();
+    let http = GitHttpServer::serve(&fleet.dir.join("remotes"), Some("s3cret"));
+    let ssh = SshServer::start(&fleet.dir.join("sshd"));
+    let empty_known_hosts = fleet.dir.join("empty_known_hosts");
+    std::fs::write(&empty_known_hosts, "").unwrap();
+    let keys = [fleet.release_public_key()];
+
+    let http_url = format!("git+{}", http.url("fleet.git"));
+    let ssh_url = format!("git+{}", ssh.url(&fleet.git_remote));
+    // (name, channel, credentials, expected error code or None for success)
+    let rows: Vec<(&str, &str, String, Option<&str>)> = vec![
+        (
+            "http, wrong token",
+            &http_url,
+            format!("token_file = \"{}\"", wrong_token.display()),
+            Some("channel_unreachable"),
+        ),
+        (
+            "http, token",
+            &http_url,
+            format!("token_file = \"{}\"", token_file.display()),
+            None,
+        ),
+        (
+            "ssh, unknown host key",
+            &ssh_url,
+            format!(
+                "ssh_key_file = \"{}\"\nssh_known_hosts_file = \"{}\"",
+                ssh.client_key.display(),
+                empty_known_hosts.display()
+            ),
+            Some("channel_unreachable"),
+        ),
+        (
+            "ssh, deploy key",
+            &ssh_url,
+            format!(
+                "ssh_key_file = \"{}\"\nssh_known_hosts_file = \"{}\"",
+                ssh.client_key.display(),
+                ssh.known_hosts.display()
+            ),
+            None,
+        ),
+    ];
+    fleet.fleet.set("a", |h| h.version = "2".into());
+    fleet.fleet.commit("a: v2");
+    fleet.release(&[]).ok();
+    let v2 = fleet.fleet.build("a");
+    let v1 = {
+        fleet.fleet.set("a", |h| h.version = "1".into());
+        fleet.fleet.build("a")
+    };
+    for (i, (what, channel, credentials, error)) in rows.into_iter().enumerate() {
+        let host = fleet.host_in("a", Channel::Directory, &format!("a-{i}"));
+        host.write_config(&fleet.settings(&keys, 1, channel), &credentials, "");
+        let (code, outcome) = host.once_outcome();
+        match error {
+            Some(expected) => {
+                assert_eq!(code, Some(1), "{what}: {outcome}");
+                assert_eq!(outcome["code"], expected, "{what}: {outcome}");
+                eprintln!("{what}: {}", outcome["message"]);
+                host.assert_on(&v1);
+            }
+            None => {
+                assert_eq!(code, Some(0), "{what}: {outcome}");
+                host.assert_on(&v2);
+            }
+        }
+    }
+    // Smart HTTP: ref discovery, then one upload-pack round.
+    let requests = http.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r == "GET /fleet.git/info/refs?service=git-upload-pack"),
+        "{requests:?}"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r == "POST /fleet.git/git-upload-pack"),
+        "{requests:?}"
+    );
+}

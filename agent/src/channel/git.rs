@@ -4,8 +4,10 @@
 //! tip's tree holds the two release files. An idle poll is a ref negotiation that transfers no
 //! objects. Moving the ref back to an older signed commit changes nothing: the serial decides.
 
+use super::git_transport;
 use super::{ChannelError, Fetched, Polled, FILES, MAX_GIT_FETCH_BYTES};
 use std::path::PathBuf;
+use std::time::Duration;
 
 const TIP_REF: &str = "refs/fleet/tip";
 
@@ -13,8 +15,7 @@ pub struct GitChannel {
     url: String,
     refname: String,
     repo_dir: PathBuf,
-    token: Option<String>,
-    ssh_key: Option<PathBuf>,
+    transport: git_transport::Settings,
     last_tip: Option<git2::Oid>,
 }
 
@@ -25,13 +26,20 @@ impl GitChannel {
         repo_dir: PathBuf,
         token: Option<String>,
         ssh_key: Option<PathBuf>,
+        ssh_known_hosts: Option<PathBuf>,
+        timeout: Duration,
     ) -> Self {
         Self {
             url,
             refname,
             repo_dir,
-            token,
-            ssh_key,
+            transport: git_transport::Settings {
+                token,
+                ssh_key,
+                ssh_known_hosts,
+                timeout,
+                runtime: None,
+            },
             last_tip: None,
         }
     }
@@ -41,12 +49,13 @@ impl GitChannel {
     }
 
     pub async fn poll(&mut self) -> Result<Polled, ChannelError> {
+        let mut transport = self.transport.clone();
+        transport.runtime = Some(tokio::runtime::Handle::current());
         let job = Job {
             url: self.url.clone(),
             refname: self.refname.clone(),
             repo_dir: self.repo_dir.clone(),
-            token: self.token.clone(),
-            ssh_key: self.ssh_key.clone(),
+            transport,
             last_tip: self.last_tip,
         };
         let (tip, polled) = tokio::task::spawn_blocking(move || job.run())
@@ -62,8 +71,7 @@ struct Job {
     url: String,
     refname: String,
     repo_dir: PathBuf,
-    token: Option<String>,
-    ssh_key: Option<PathBuf>,
+    transport: git_transport::Settings,
     last_tip: Option<git2::Oid>,
 }
 
@@ -73,6 +81,9 @@ fn git_error(what: &str, error: git2::Error) -> ChannelError {
 
 impl Job {
     fn run(self) -> Result<(Option<git2::Oid>, Polled), ChannelError> {
+        // Only one fetch at a time may use the process-wide transport settings.
+        static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = FETCH.lock().unwrap_or_else(|e| e.into_inner());
         let repo = match git2::Repository::open_bare(&self.repo_dir) {
             Ok(repo) => repo,
             Err(_) => {
@@ -88,29 +99,9 @@ impl Job {
             .remote_anonymous(&self.url)
             .map_err(|e| git_error(&format!("git remote '{}'", self.url), e))?;
 
+        git_transport::register().map_err(|e| git_error("cannot set up git transports", e))?;
+        git_transport::configure(self.transport.clone());
         let mut callbacks = git2::RemoteCallbacks::new();
-        let (token, ssh_key) = (self.token.clone(), self.ssh_key.clone());
-        let mut tried = false;
-        callbacks.credentials(move |_url, username, allowed| {
-            // libgit2 asks again after a rejected credential: fail instead of looping.
-            if tried {
-                return Err(git2::Error::from_str("the remote rejected the credentials"));
-            }
-            tried = true;
-            if allowed.contains(git2::CredentialType::SSH_KEY) {
-                if let Some(key) = &ssh_key {
-                    return git2::Cred::ssh_key(username.unwrap_or("git"), None, key, None);
-                }
-            }
-            if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
-                if let Some(token) = &token {
-                    return git2::Cred::userpass_plaintext(username.unwrap_or("fleet"), token);
-                }
-            }
-            Err(git2::Error::from_str(
-                "the remote wants credentials: set token_file (https) or ssh_key_file (ssh)",
-            ))
-        });
         callbacks.transfer_progress(|progress| progress.received_bytes() <= MAX_GIT_FETCH_BYTES);
 
         let refspec = format!("+refs/heads/{}:{TIP_REF}", self.refname);

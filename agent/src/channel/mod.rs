@@ -5,6 +5,7 @@
 
 mod dir;
 mod git;
+mod git_transport;
 mod http;
 
 use crate::config::{ChannelSpec, Config};
@@ -104,6 +105,8 @@ impl Channel {
                 config.state_dir.join("git"),
                 read_secret(&config.token_file)?,
                 config.ssh_key_file.clone(),
+                config.ssh_known_hosts_file.clone(),
+                config.channel_timeout,
             )),
         };
         Ok(Self {

@@ -1,0 +1,469 @@
+//! git transports without OpenSSL, registered with libgit2 in place of its own: smart HTTP(S)
+//! over reqwest (rustls), and SSH through the system's `ssh` client.
+//!
+//! libgit2's built-in HTTPS and SSH transports need OpenSSL and libssh2; leaving them out keeps
+//! the agent's idle RSS small and its build static-friendly (docs/performance.md). Only fetching
+//! is supported: the agent never pushes.
+//!
+//! - HTTP(S): the stateless smart protocol. `GET <url>/info/refs?service=git-upload-pack`, then
+//!   `POST <url>/git-upload-pack` with what libgit2 wrote. `token_file` is sent as the HTTP
+//!   basic-auth password (user from the URL, else `fleet`), which GitHub, GitLab, Gitea and
+//!   Forgejo accept for access tokens. Bodies are capped at [`MAX_GIT_FETCH_BYTES`].
+//! - SSH: `ssh -o BatchMode=yes [-i <ssh_key_file> -o IdentitiesOnly=yes] [-o
+//!   UserKnownHostsFile=<ssh_known_hosts_file> -o StrictHostKeyChecking=yes] [-p <port>]
+//!   <user@host> "git-upload-pack '<path>'"`, for `ssh://[user@]host[:port]/path` and
+//!   `[user@]host:path`. The host key must be known: BatchMode never asks.
+
+use super::MAX_GIT_FETCH_BYTES;
+use git2::transport::{Service, SmartSubtransport, SmartSubtransportStream, Transport};
+use std::io::{Cursor, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// What the transports need from the channel's config; set before each fetch.
+#[derive(Clone, Default)]
+pub struct Settings {
+    pub token: Option<String>,
+    pub ssh_key: Option<PathBuf>,
+    pub ssh_known_hosts: Option<PathBuf>,
+    pub timeout: Duration,
+    /// The agent's runtime, to drive reqwest from the blocking fetch thread.
+    pub runtime: Option<tokio::runtime::Handle>,
+}
+
+static SETTINGS: Mutex<Option<Settings>> = Mutex::new(None);
+
+fn settings() -> Settings {
+    SETTINGS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default()
+}
+
+/// Sets what the next fetches use.
+pub fn configure(settings: Settings) {
+    *SETTINGS.lock().unwrap_or_else(|e| e.into_inner()) = Some(settings);
+}
+
+/// Registers the transports with libgit2, once per process.
+pub fn register() -> Result<(), git2::Error> {
+    static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = REGISTERED.get_or_init(|| {
+        let mut outcome = Ok(());
+        for scheme in ["http", "https"] {
+            // SAFETY: libgit2's transport registry is not thread-safe, which is why `register`
+            // is unsafe. This runs once per process, guarded by the OnceLock, and every fetch
+            // goes through `register` first, so no fetch can race with the registration.
+            #[allow(unsafe_code)]
+            let registered = unsafe {
+                git2::transport::register(scheme, |remote| {
+                    Transport::smart(remote, true, HttpTransport)
+                })
+            };
+            outcome = outcome.and(registered);
+        }
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        let registered = unsafe {
+            git2::transport::register("ssh", |remote| {
+                Transport::smart(remote, false, SshTransport::default())
+            })
+        };
+        outcome.and(registered).map_err(|e| e.message().to_owned())
+    });
+    result.clone().map_err(|e| git2::Error::from_str(&e))
+}
+
+fn error(message: impl Into<String>) -> std::io::Error {
+    std::io::Error::other(message.into())
+}
+
+// ---- smart HTTP ----
+
+struct HttpTransport;
+
+impl SmartSubtransport for HttpTransport {
+    fn action(
+        &self,
+        url: &str,
+        action: Service,
+    ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
+        let url = url.trim_end_matches('/');
+        let (method, url, content_type) = match action {
+            Service::UploadPackLs => (
+                reqwest::Method::GET,
+                format!("{url}/info/refs?service=git-upload-pack"),
+                None,
+            ),
+            Service::UploadPack => (
+                reqwest::Method::POST,
+                format!("{url}/git-upload-pack"),
+                Some("application/x-git-upload-pack-request"),
+            ),
+            _ => {
+                return Err(git2::Error::from_str(
+                    "fleet-agent only fetches: pushing is not supported",
+                ))
+            }
+        };
+        Ok(Box::new(HttpStream {
+            method,
+            url,
+            content_type,
+            body: Vec::new(),
+            response: None,
+        }))
+    }
+
+    fn close(&self) -> Result<(), git2::Error> {
+        Ok(())
+    }
+}
+
+struct HttpStream {
+    method: reqwest::Method,
+    url: String,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+    response: Option<Cursor<Vec<u8>>>,
+}
+
+impl HttpStream {
+    fn send(&mut self) -> std::io::Result<Vec<u8>> {
+        let settings = settings();
+        let runtime = settings
+            .runtime
+            .clone()
+            .ok_or_else(|| error("git over HTTP needs the agent's runtime"))?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(super::CONNECT_TIMEOUT)
+            .timeout(settings.timeout.max(Duration::from_secs(1)))
+            .user_agent(concat!(
+                "git/2.0 (fleet-agent/",
+                env!("CARGO_PKG_VERSION"),
+                ")"
+            ))
+            .build()
+            .map_err(|e| error(format!("cannot set up the HTTP client: {e}")))?;
+        let mut request = client.request(self.method.clone(), &self.url);
+        if let Some(content_type) = self.content_type {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .header(
+                    reqwest::header::ACCEPT,
+                    "application/x-git-upload-pack-result",
+                )
+                .body(std::mem::take(&mut self.body));
+        }
+        if let Some(token) = &settings.token {
+            let user = reqwest::Url::parse(&self.url)
+                .ok()
+                .map(|u| u.username().to_owned())
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| "fleet".into());
+            request = request.basic_auth(user, Some(token));
+        }
+        let url = self.url.clone();
+        runtime.block_on(async move {
+            let mut response = request
+                .send()
+                .await
+                .map_err(|e| error(format!("cannot fetch {url}: {e}")))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(error(format!("{url} answered HTTP {status}")));
+            }
+            let mut bytes = Vec::new();
+            while let Some(chunk) = response
+                .chunk()
+                .await
+                .map_err(|e| error(format!("cannot read {url}: {e}")))?
+            {
+                if bytes.len() + chunk.len() > MAX_GIT_FETCH_BYTES {
+                    return Err(error(format!(
+                        "{url} sent more than {MAX_GIT_FETCH_BYTES} bytes: refusing"
+                    )));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Ok(bytes)
+        })
+    }
+}
+
+impl Read for HttpStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.response.is_none() {
+            let bytes = self.send()?;
+            self.response = Some(Cursor::new(bytes));
+        }
+        self.response.as_mut().expect("response is set").read(buf)
+    }
+}
+
+impl Write for HttpStream {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.body.len() + data.len() > MAX_GIT_FETCH_BYTES {
+            return Err(error("git request body too large"));
+        }
+        self.body.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// ---- SSH ----
+
+/// One `ssh` child serves both steps of a fetch (the protocol is stateful).
+#[derive(Default)]
+struct SshTransport {
+    connection: Mutex<Option<Arc<SshConnection>>>,
+}
+
+struct SshConnection {
+    child: Mutex<Child>,
+    stdin: Mutex<ChildStdin>,
+    stdout: Mutex<ChildStdout>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+/// `(destination, port, path)` of `ssh://[user@]host[:port]/path` or `[user@]host:path`.
+pub fn parse_ssh_url(url: &str) -> Option<(String, Option<u16>, String)> {
+    if let Some(rest) = url
+        .strip_prefix("ssh://")
+        .or_else(|| url.strip_prefix("git+ssh://"))
+    {
+        let (authority, path) = rest.split_once('/')?;
+        let (destination, port) = match authority.rsplit_once(':') {
+            Some((destination, port))
+                if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                (destination.to_owned(), Some(port.parse().ok()?))
+            }
+            _ => (authority.to_owned(), None),
+        };
+        let path = format!("/{path}");
+        // "ssh://host/~user/repo" means a path relative to the home directory.
+        let path = path
+            .strip_prefix("/~")
+            .map_or(path.clone(), |p| format!("~{p}"));
+        return (!destination.is_empty()).then_some((destination, port, path));
+    }
+    let (destination, path) = url.split_once(':')?;
+    if destination.is_empty() || destination.contains('/') || path.is_empty() {
+        return None;
+    }
+    Some((destination.to_owned(), None, path.to_owned()))
+}
+
+/// Quotes a path for the remote shell the way git does.
+fn shell_quote(path: &str) -> String {
+    format!("'{}'", path.replace('\'', r"'\''"))
+}
+
+impl SshTransport {
+    fn connect(&self, url: &str) -> Result<Arc<SshConnection>, git2::Error> {
+        let (destination, port, path) = parse_ssh_url(url)
+            .ok_or_else(|| git2::Error::from_str(&format!("'{url}' is not an ssh URL")))?;
+        if destination.starts_with('-') {
+            return Err(git2::Error::from_str(&format!(
+                "refusing ssh destination '{destination}'"
+            )));
+        }
+        let settings = settings();
+        let mut command = Command::new("ssh");
+        command.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]);
+        if let Some(key) = &settings.ssh_key {
+            command
+                .arg("-i")
+                .arg(key)
+                .args(["-o", "IdentitiesOnly=yes"]);
+        }
+        if let Some(known_hosts) = &settings.ssh_known_hosts {
+            command
+                .arg("-o")
+                .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+                .args(["-o", "StrictHostKeyChecking=yes"]);
+        }
+        if let Some(port) = port {
+            command.arg("-p").arg(port.to_string());
+        }
+        command
+            .arg("--")
+            .arg(&destination)
+            .arg(format!("git-upload-pack {}", shell_quote(&path)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().map_err(|e| {
+            git2::Error::from_str(&format!("cannot run ssh: {e} (is OpenSSH installed?)"))
+        })?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let mut stderr_pipe = child.stderr.take().expect("piped");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = stderr_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+                if sink.len() < 16 << 10 {
+                    sink.extend_from_slice(&buf[..n]);
+                }
+            }
+        });
+        Ok(Arc::new(SshConnection {
+            child: Mutex::new(child),
+            stdin: Mutex::new(stdin),
+            stdout: Mutex::new(stdout),
+            stderr,
+        }))
+    }
+}
+
+impl SmartSubtransport for SshTransport {
+    fn action(
+        &self,
+        url: &str,
+        action: Service,
+    ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
+        let mut slot = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        let connection = match action {
+            Service::UploadPackLs => {
+                let connection = self.connect(url)?;
+                *slot = Some(connection.clone());
+                connection
+            }
+            Service::UploadPack => match slot.as_ref() {
+                Some(connection) => connection.clone(),
+                None => {
+                    let connection = self.connect(url)?;
+                    *slot = Some(connection.clone());
+                    connection
+                }
+            },
+            _ => {
+                return Err(git2::Error::from_str(
+                    "fleet-agent only fetches: pushing is not supported",
+                ))
+            }
+        };
+        Ok(Box::new(SshStream { connection }))
+    }
+
+    fn close(&self) -> Result<(), git2::Error> {
+        if let Some(connection) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let mut child = connection.child.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+}
+
+struct SshStream {
+    connection: Arc<SshConnection>,
+}
+
+impl SshStream {
+    fn failure(&self, e: std::io::Error) -> std::io::Error {
+        // Give ssh a moment to explain itself (host key, permission) before reporting.
+        std::thread::sleep(Duration::from_millis(100));
+        let stderr = self
+            .connection
+            .stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let text = String::from_utf8_lossy(&stderr);
+        let text = text.trim();
+        if text.is_empty() {
+            e
+        } else {
+            error(format!("ssh: {}", text.replace('\n', " / ")))
+        }
+    }
+}
+
+impl Read for SshStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self
+            .connection
+            .stdout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            return Err(self.failure(error("ssh closed the connection")));
+        }
+        Ok(n)
+    }
+}
+
+impl Write for SshStream {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let result = self
+            .connection
+            .stdin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(data);
+        result.map_err(|e| self.failure(e))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let result = self
+            .connection
+            .stdin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush();
+        result.map_err(|e| self.failure(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ssh_url_forms() {
+        let parse = |u| parse_ssh_url(u);
+        assert_eq!(
+            parse("ssh://git@git.example.org:2222/srv/fleet.git"),
+            Some((
+                "git@git.example.org".into(),
+                Some(2222),
+                "/srv/fleet.git".into()
+            ))
+        );
+        assert_eq!(
+            parse("ssh://git.example.org/~deploy/fleet.git"),
+            Some(("git.example.org".into(), None, "~deploy/fleet.git".into()))
+        );
+        assert_eq!(
+            parse("git@github.com:org/fleet.git"),
+            Some(("git@github.com".into(), None, "org/fleet.git".into()))
+        );
+        assert_eq!(parse("ssh://:22/x"), None);
+        assert_eq!(parse("/local/path"), None);
+    }
+
+    #[test]
+    fn quotes_paths_like_git() {
+        assert_eq!(shell_quote("/srv/it's.git"), r"'/srv/it'\''s.git'");
+    }
+}

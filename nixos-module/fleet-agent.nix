@@ -73,6 +73,11 @@ in
           };
           token_file = secretOption "A file holding a bearer token (http) or HTTPS password (git).";
           ssh_key_file = secretOption "An SSH deploy key for git+ssh channels.";
+          ssh_known_hosts_file = lib.mkOption {
+            type = lib.types.nullOr lib.types.str;
+            default = null;
+            description = "A known_hosts file with the git server's host key (git+ssh channels); unknown host keys are never accepted.";
+          };
         };
       };
     };
@@ -111,7 +116,8 @@ in
       restartIfChanged = false;
       stopIfChanged = false;
       unitConfig.X-StopOnRemoval = false;
-      path = [ config.nix.package config.systemd.package pkgs.coreutils ];
+      # nix for realising, systemd-run for switching, ssh for git+ssh channels.
+      path = [ config.nix.package config.systemd.package pkgs.coreutils pkgs.openssh ];
       serviceConfig = {
         ExecStart = "${lib.getExe' cfg.package "fleet-agent"} --config /etc/fleet-agent/config.toml run";
         ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";

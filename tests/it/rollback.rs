@@ -167,3 +167,49 @@ fn realise_failures_are_retried_up_to_the_attempt_cap_then_left_for_a_person() {
     assert!(host.switch_calls().is_empty());
     host.assert_on(&v1);
 }
+
+#[test]
+fn a_failed_realise_is_retried_although_the_channel_did_not_change() {
+    let mut fleet = Fleet::new(&["a"]);
+    // HTTP with ETags: after the first fetch, every poll is answered 304 Not Modified.
+    let host = fleet.host("a", Channel::Http);
+    let v1 = fleet.fleet.build("a");
+    let v2 = bump(&mut fleet, "2", "ok");
+    let cache = fleet.cache_dir.clone();
+    let hidden = fleet.dir.join("cache-away");
+    std::fs::rename(&cache, &hidden).unwrap();
+    std::fs::create_dir_all(&cache).unwrap();
+    let keys = [fleet.release_public_key()];
+    let url = fleet.channel_url(Channel::Http);
+    host.write_config(
+        &fleet.settings(&keys, 1, &url),
+        "poll_interval = \"1s\"\nmax_backoff = \"1s\"",
+        "",
+    );
+    let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
+    let _daemon = fleet_tests::KillOnDrop(host.agent(&["run"]).stderr(log).spawn().unwrap());
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        for _ in 0..150 {
+            if done() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("timed out waiting for {what}");
+    };
+    wait_for("the failed realise", &|| {
+        host.state_dir.join("state.json").exists()
+            && host.state()["last_error"]["code"] == "not_in_cache"
+    });
+    host.assert_on(&v1);
+    // The cache comes back; the release does not change.
+    std::fs::remove_dir_all(&cache).unwrap();
+    std::fs::rename(&hidden, &cache).unwrap();
+    wait_for("the commit", &|| {
+        let state = host.state();
+        state["last_good"] == v2.as_str() && state["phase"]["phase"] == "idle"
+    });
+    host.assert_on(&v2);
+    assert!(fleet.www.not_modified() >= 1, "no poll was answered 304");
+    assert_eq!(fleet.www.requests_matching("release.json.sig").len(), 1);
+}

@@ -34,6 +34,8 @@ struct Shared {
     cut_file: Mutex<Option<PathBuf>>,
     mode: Mutex<Mode>,
     log: Mutex<Vec<String>>,
+    /// How many requests were answered 304 Not Modified.
+    not_modified: std::sync::atomic::AtomicUsize,
     stop: AtomicBool,
 }
 
@@ -55,6 +57,7 @@ impl HttpServer {
             cut_file: Mutex::new(None),
             mode: Mutex::new(Mode::Normal),
             log: Mutex::new(Vec::new()),
+            not_modified: std::sync::atomic::AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         });
         let thread = {
@@ -93,6 +96,11 @@ impl HttpServer {
     /// Paths requested so far, in order (e.g. `/release.json`, `/nar/…`).
     pub fn requests(&self) -> Vec<String> {
         self.shared.log.lock().unwrap().clone()
+    }
+
+    /// How many requests were answered 304 Not Modified (files carry an ETag in normal mode).
+    pub fn not_modified(&self) -> usize {
+        self.shared.not_modified.load(Ordering::Relaxed)
     }
 
     /// Requests whose path contains `needle`.
@@ -186,6 +194,24 @@ fn respond(shared: &Arc<Shared>, request: tiny_http::Request) {
                 request.respond(tiny_http::Response::empty(400))
             } else {
                 match std::fs::read(shared.root.join(relative)) {
+                    Ok(bytes) if mode == Mode::Normal => {
+                        use std::hash::{Hash as _, Hasher as _};
+                        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                        bytes.hash(&mut hasher);
+                        let etag = format!("\"{:016x}\"", hasher.finish());
+                        let matches = request
+                            .headers()
+                            .iter()
+                            .any(|h| h.field.equiv("If-None-Match") && h.value.as_str() == etag);
+                        if matches {
+                            shared.not_modified.fetch_add(1, Ordering::Relaxed);
+                            request.respond(tiny_http::Response::empty(304))
+                        } else {
+                            let header = tiny_http::Header::from_bytes("ETag", etag).unwrap();
+                            request
+                                .respond(tiny_http::Response::from_data(bytes).with_header(header))
+                        }
+                    }
                     Ok(mut bytes) => {
                         if mode == Mode::Truncate {
                             bytes.truncate(bytes.len() / 2);

@@ -11,7 +11,7 @@ mod apply;
 mod tests;
 
 use crate::activate::Activator;
-use crate::channel::{Channel, ChannelError, Polled};
+use crate::channel::{Channel, ChannelError, Fetched, Polled};
 use crate::config::Config;
 use crate::nix::{resolve_link, Nix};
 use crate::release::{self, Accepted, Digest, VerifiedRelease, VerifyContext};
@@ -98,6 +98,9 @@ pub struct Agent {
     pub(crate) nix: Nix,
     pub(crate) activator: Activator,
     pub(crate) cancel: CancellationToken,
+    /// The bytes of the last poll that brought a release: when the channel reports no change,
+    /// they are judged again (a pending release may now be due, retried, or expired).
+    last_fetched: Option<Fetched>,
 }
 
 /// Why the agent cannot start.
@@ -136,6 +139,7 @@ impl Agent {
             state,
             config,
             cancel,
+            last_fetched: None,
         })
     }
 
@@ -203,17 +207,16 @@ impl Agent {
         }
         let fetched = match self.channel.poll().await {
             Ok(Polled::Empty) => return Outcome::NoRelease,
-            Ok(Polled::Unchanged) => match &self.state.accepted {
-                // Nothing new; an interrupted or waiting release is handled by the fetch that
-                // follows a restart, since validators live in memory only.
-                Some(a) => {
-                    return Outcome::UpToDate {
-                        serial: Some(a.serial),
-                    }
-                }
+            // Validators live in memory only, so after a restart the first poll fetches in
+            // full and this is always set when the channel says nothing changed.
+            Ok(Polled::Unchanged) => match self.last_fetched.clone() {
+                Some(fetched) => fetched,
                 None => return Outcome::NoRelease,
             },
-            Ok(Polled::Release(fetched)) => fetched,
+            Ok(Polled::Release(fetched)) => {
+                self.last_fetched = Some(fetched.clone());
+                fetched
+            }
             Err(e) => {
                 return self.fail(
                     e.code(),

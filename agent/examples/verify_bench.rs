@@ -3,8 +3,8 @@
 //! `cargo run --release -p fleet-agent --example verify_bench [HOSTS] [ROUNDS]`
 
 use fleet_agent::release::{
-    signed_message, verify, HostEntry, Release, SecretKey, Signature, SignatureFile, Source,
-    StorePath, TrustPolicy, VerifyContext, FORMAT_VERSION,
+    verify, HostEntry, Release, SecretKey, SignatureFile, Source, StorePath, TrustPolicy,
+    VerifyContext, FORMAT_VERSION,
 };
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -48,15 +48,9 @@ fn main() {
         hosts: entries,
     };
     let document = serde_json::to_vec_pretty(&release).unwrap();
-    let signatures = SignatureFile {
-        signatures: vec![Signature {
-            key_name: "ops1".into(),
-            bytes: key.sign(&signed_message(&document)),
-        }],
-        junk_lines: 0,
-    }
-    .render()
-    .into_bytes();
+    let signatures = SignatureFile::sign(&document, &[&key])
+        .render()
+        .into_bytes();
     let trust = TrustPolicy::new(vec![key.public()], 1).unwrap();
     let context = VerifyContext {
         fleet: "bench".into(),

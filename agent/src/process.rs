@@ -44,15 +44,22 @@ impl ProcessError {
 }
 
 fn tail(stderr: &str) -> String {
-    let lines: Vec<&str> = stderr.trim_end().lines().collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    let start = lines.len().saturating_sub(STDERR_TAIL_LINES);
-    format!(": {}", lines[start..].join(" / "))
+    stderr_tail(stderr, STDERR_TAIL_LINES, " / ")
 }
 
-fn describe(status: ExitStatus) -> String {
+/// ": " and the last `lines` lines of `stderr` joined by `separator`, or "" when it is empty.
+/// Shared with `fleet-sign`'s subprocess helper.
+pub fn stderr_tail(stderr: &str, lines: usize, separator: &str) -> String {
+    let all: Vec<&str> = stderr.trim_end().lines().collect();
+    if all.is_empty() {
+        return String::new();
+    }
+    let start = all.len().saturating_sub(lines);
+    format!(": {}", all[start..].join(separator))
+}
+
+/// "exited with status N" or "was killed by signal N".
+pub fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with status {code}"),
         (None, Some(signal)) => format!("was killed by signal {signal}"),
@@ -62,7 +69,11 @@ fn describe(status: ExitStatus) -> String {
 
 /// Renders a command line for logs and errors.
 pub fn command_line(command: &Command) -> String {
-    let std = command.as_std();
+    std_command_line(command.as_std())
+}
+
+/// Renders a `std` command line for logs and errors (quoting arguments with spaces).
+pub fn std_command_line(std: &std::process::Command) -> String {
     std::iter::once(std.get_program())
         .chain(std.get_args())
         .map(|a| {

@@ -3,10 +3,9 @@
 //! It logs the command line when verbose, captures stdout and stderr, and on failure returns a
 //! [`ProcessError`] that shows the command, its exit status or signal, and the tail of stderr.
 
-use std::ffi::OsStr;
+use fleet_agent::process::{describe, std_command_line, stderr_tail};
 use std::io::Write as _;
-use std::os::unix::process::ExitStatusExt as _;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static VERBOSE: AtomicBool = AtomicBool::new(false);
@@ -36,36 +35,12 @@ pub enum ProcessError {
 }
 
 fn tail(stderr: &str) -> String {
-    let lines: Vec<&str> = stderr.trim_end().lines().collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    let start = lines.len().saturating_sub(STDERR_TAIL_LINES);
-    format!(":\n  {}", lines[start..].join("\n  "))
-}
-
-fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(signal)) => format!("was killed by signal {signal}"),
-        (None, None) => "failed".into(),
-    }
+    stderr_tail(stderr, STDERR_TAIL_LINES, "\n  ").replacen(": ", ":\n  ", 1)
 }
 
 /// Renders a command line for logs and errors.
 pub fn command_line(command: &Command) -> String {
-    std::iter::once(command.get_program())
-        .chain(command.get_args())
-        .map(|a: &OsStr| {
-            let a = a.to_string_lossy();
-            if a.is_empty() || a.contains([' ', '"', '\'', '\n']) {
-                format!("{a:?}")
-            } else {
-                a.into_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    std_command_line(command)
 }
 
 /// Runs `command` with `stdin` as its input and returns its stdout when it exits 0.

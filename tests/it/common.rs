@@ -1,7 +1,7 @@
 //! What the integration tests share: an operator with a fleet, keys, a cache and channels, and
 //! simulated hosts following it.
 
-use fleet_agent::release::{self, Release, SecretKey, Signature, SignatureFile};
+use fleet_agent::release::{self, Release, SecretKey, SignatureFile};
 use fleet_tests::fixture::FixtureFleet;
 use fleet_tests::git::{bare_repo, GitDaemon};
 use fleet_tests::host::{HostSettings, SimHost};
@@ -76,13 +76,15 @@ impl Fleet {
         SecretKey::parse(&std::fs::read_to_string(&self.release_key).unwrap()).unwrap()
     }
 
-    /// `fleet-sign release` to the directory and the git remote, with the cache over HTTP as
+    /// `fleet-sign release` to the git remote and the directory, with the cache over HTTP as
     /// the substituter hint.
     pub fn release(&self, extra: &[&str]) -> Run {
-        self.release_with(&[&self.release_key], extra)
+        let channels = [self.git_channel(), self.channel_dir.display().to_string()];
+        self.release_with(&[&self.release_key], &channels, extra)
     }
 
-    pub fn release_with(&self, keys: &[&Path], extra: &[&str]) -> Run {
+    /// `fleet-sign release` signed by `keys`, publishing to `channels`.
+    pub fn release_with(&self, keys: &[&Path], channels: &[String], extra: &[&str]) -> Run {
         let mut c = command("fleet-sign");
         c.arg("release")
             .args(["--fleet", "home", "--flake", &self.fleet.flake_ref()])
@@ -90,18 +92,39 @@ impl Fleet {
             .arg(format!("file://{}", self.cache_dir.display()))
             .arg("--cache-key")
             .arg(&self.cache_key.secret)
-            .args(["--substituter", &self.cache_server.url()])
-            .args([
-                "--channel",
-                &format!("git+file://{}", self.git_remote.display()),
-            ])
-            .arg("--channel")
-            .arg(&self.channel_dir);
+            .args(["--substituter", &self.cache_server.url()]);
+        for channel in channels {
+            c.args(["--channel", channel]);
+        }
         for key in keys {
             c.arg("--key").arg(key);
         }
         c.args(extra);
         run(c)
+    }
+
+    /// The git remote as a channel, by path.
+    pub fn git_channel(&self) -> String {
+        format!("git+file://{}", self.git_remote.display())
+    }
+
+    /// `fleet-sign verify --from <from>` trusting the release key.
+    pub fn verify(&self, from: &str, extra: &[&str]) -> Run {
+        let mut c = command("fleet-sign");
+        c.args([
+            "verify",
+            "--from",
+            from,
+            "--key",
+            &self.release_public_key(),
+        ])
+        .args(extra);
+        run(c)
+    }
+
+    /// The document the directory channel holds, as JSON.
+    pub fn published_json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.published().0).unwrap()
     }
 
     /// The channel URL a host uses.
@@ -181,17 +204,6 @@ impl Fleet {
 
     /// A signature file over exactly `document`.
     pub fn sign_bytes(document: &[u8], keys: &[&SecretKey]) -> Vec<u8> {
-        let message = release::signed_message(document);
-        let file = SignatureFile {
-            signatures: keys
-                .iter()
-                .map(|k| Signature {
-                    key_name: k.name().to_owned(),
-                    bytes: k.sign(&message),
-                })
-                .collect(),
-            junk_lines: 0,
-        };
-        file.render().into_bytes()
+        SignatureFile::sign(document, keys).render().into_bytes()
     }
 }

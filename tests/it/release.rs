@@ -1,94 +1,11 @@
 //! `fleet-sign keygen / release / verify` end to end against real Nix, git and HTTP.
 
-use fleet_tests::fixture::FixtureFleet;
-use fleet_tests::git::{bare_repo, GitDaemon};
+use crate::common::Fleet;
+use fleet_tests::git::GitDaemon;
 use fleet_tests::http::{HttpServer, Mode};
 use fleet_tests::nix::{ChrootStore, NixKey};
 use fleet_tests::{command, run, Run, TestDir};
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
-
-/// One operator's setup: a fixture fleet, a release key, a cache key, a cache directory served
-/// over HTTP, a directory channel and a bare git remote.
-struct Operator {
-    dir: TestDir,
-    fleet: FixtureFleet,
-    release_key: PathBuf,
-    cache_key: NixKey,
-    cache_dir: PathBuf,
-    channel_dir: PathBuf,
-    git_remote: PathBuf,
-}
-
-impl Operator {
-    fn new(hosts: &[&str]) -> Self {
-        let dir = TestDir::new();
-        let fleet = FixtureFleet::new(dir.join("fleet"), hosts);
-        let release_key = dir.join("ops1.sec");
-        let mut keygen = command("fleet-sign");
-        keygen.args(["keygen", "ops1", "--out"]).arg(&release_key);
-        run(keygen).ok();
-        let cache_key = NixKey::generate(dir.path(), "cache-1");
-        let git_remote = bare_repo(&dir.join("remotes/fleet.git"));
-        Self {
-            cache_dir: dir.join("cache"),
-            channel_dir: dir.join("www"),
-            release_key,
-            cache_key,
-            git_remote,
-            fleet,
-            dir,
-        }
-    }
-
-    fn release_key_pub(&self) -> String {
-        std::fs::read_to_string(self.release_key.with_extension("sec.pub"))
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
-
-    fn git_channel(&self) -> String {
-        format!("git+file://{}", self.git_remote.display())
-    }
-
-    /// `fleet-sign release` with this operator's settings and `extra` flags.
-    fn release(&self, extra: &[&str]) -> Run {
-        let channels = [self.git_channel(), self.channel_dir.display().to_string()];
-        self.release_with(&[&self.release_key], &channels, extra)
-    }
-
-    /// `fleet-sign release` signed by `keys`, publishing to `channels`.
-    fn release_with(&self, keys: &[&Path], channels: &[String], extra: &[&str]) -> Run {
-        let mut c = command("fleet-sign");
-        c.arg("release")
-            .args(["--fleet", "home", "--flake", &self.fleet.flake_ref()])
-            .arg("--cache")
-            .arg(format!("file://{}", self.cache_dir.display()))
-            .arg("--cache-key")
-            .arg(&self.cache_key.secret);
-        for key in keys {
-            c.arg("--key").arg(key);
-        }
-        for channel in channels {
-            c.args(["--channel", channel]);
-        }
-        c.args(extra);
-        run(c)
-    }
-
-    fn verify(&self, from: &str, extra: &[&str]) -> Run {
-        let mut c = command("fleet-sign");
-        c.args(["verify", "--from", from, "--key", &self.release_key_pub()])
-            .args(extra);
-        run(c)
-    }
-
-    fn published(&self) -> serde_json::Value {
-        let bytes = std::fs::read(self.channel_dir.join("release.json")).unwrap();
-        serde_json::from_slice(&bytes).unwrap()
-    }
-}
 
 fn json(run: &Run) -> serde_json::Value {
     serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{run}"))
@@ -96,7 +13,7 @@ fn json(run: &Run) -> serde_json::Value {
 
 #[test]
 fn release_round_trip_through_git_daemon_and_http_directory() {
-    let op = Operator::new(&["router1", "pi1", "vps1"]);
+    let op = Fleet::new(&["router1", "pi1", "vps1"]);
     let out = op.release(&["--json"]);
     out.ok();
     let summary = json(&out);
@@ -104,7 +21,7 @@ fn release_round_trip_through_git_daemon_and_http_directory() {
     assert_eq!(summary["built"].as_array().unwrap().len(), 3);
 
     // The document names each host's real toplevel and the commit it was built from.
-    let doc = op.published();
+    let doc = op.published_json();
     for host in ["router1", "pi1", "vps1"] {
         assert_eq!(
             doc["hosts"][host]["toplevel"],
@@ -142,7 +59,7 @@ fn release_round_trip_through_git_daemon_and_http_directory() {
 
 #[test]
 fn key_from_nix_store_generate_binary_cache_key_signs_and_verifies() {
-    let op = Operator::new(&["a"]);
+    let op = Fleet::new(&["a"]);
     let nix_key = NixKey::generate(op.dir.path(), "ops-nix-1");
     let channels = [op.channel_dir.display().to_string()];
     op.release_with(&[&nix_key.secret], &channels, &[]).ok();
@@ -159,7 +76,7 @@ fn key_from_nix_store_generate_binary_cache_key_signs_and_verifies() {
 
 #[test]
 fn closures_land_in_the_cache_and_substitute_only_with_the_right_key() {
-    let op = Operator::new(&["a", "b"]);
+    let op = Fleet::new(&["a", "b"]);
     op.release(&[]).ok();
     let cache = HttpServer::serve(&op.cache_dir);
     let wrong = NixKey::generate(op.dir.path(), "other-cache");
@@ -187,13 +104,13 @@ fn closures_land_in_the_cache_and_substitute_only_with_the_right_key() {
 
 #[test]
 fn partial_release_carries_other_hosts_and_takes_next_serial() {
-    let mut op = Operator::new(&["a", "b"]);
+    let mut op = Fleet::new(&["a", "b"]);
     op.release(&[]).ok();
-    let first = op.published();
+    let first = op.published_json();
     op.fleet.set("b", |h| h.version = "2".into());
     op.fleet.commit("b: version 2");
     op.release(&["--on", "b"]).ok();
-    let second = op.published();
+    let second = op.published_json();
     assert_eq!(second["serial"], 2);
     assert_eq!(second["hosts"]["a"], first["hosts"]["a"]);
     assert_ne!(second["hosts"]["b"], first["hosts"]["b"]);
@@ -207,7 +124,7 @@ fn partial_release_carries_other_hosts_and_takes_next_serial() {
 
 #[test]
 fn refusals_publish_nothing() {
-    let op = Operator::new(&["a"]);
+    let op = Fleet::new(&["a"]);
     op.release(&[]).ok();
     let before = std::fs::read(op.channel_dir.join("release.json")).unwrap();
 
@@ -243,7 +160,7 @@ fn refusals_publish_nothing() {
 
 #[test]
 fn closure_not_signed_by_the_cache_key_after_the_push_is_refused() {
-    let op = Operator::new(&["a"]);
+    let op = Fleet::new(&["a"]);
     // The cache already holds the closure, signed by another key: nix copy skips it, so the
     // cache never gets a signature by cache-1.
     let other = NixKey::generate(op.dir.path(), "old-cache");
@@ -265,7 +182,7 @@ fn closure_not_signed_by_the_cache_key_after_the_push_is_refused() {
 
 #[test]
 fn tampered_channel_is_refused_by_verify_and_by_the_next_release() {
-    let op = Operator::new(&["a"]);
+    let op = Fleet::new(&["a"]);
     op.release(&[]).ok();
     let doc_path = op.channel_dir.join("release.json");
     let original = std::fs::read(&doc_path).unwrap();
@@ -298,7 +215,7 @@ fn tampered_channel_is_refused_by_verify_and_by_the_next_release() {
 
 #[test]
 fn wrong_fleet_and_foreign_keys_are_refused_with_reason_codes() {
-    let op = Operator::new(&["a"]);
+    let op = Fleet::new(&["a"]);
     op.release(&[]).ok();
     let from = op.channel_dir.to_str().unwrap().to_owned();
     let out = op.verify(&from, &["--fleet", "lab", "--json"]);
@@ -319,7 +236,7 @@ fn wrong_fleet_and_foreign_keys_are_refused_with_reason_codes() {
 
     // Two keys required, one signed.
     let mut c = command("fleet-sign");
-    c.args(["verify", "--from", &from, "--key", &op.release_key_pub()])
+    c.args(["verify", "--from", &from, "--key", &op.release_public_key()])
         .args(["--key", &stranger_pub, "--threshold", "2", "--json"]);
     let out = run(c);
     out.fails_with(3, "2 needed");

@@ -206,7 +206,8 @@ booted_system = "{booted}"
         (out.code, value)
     }
 
-    /// Where a link points, as a logical store path.
+    /// Where a link points, as a logical store path. Deliberately not the agent's own
+    /// `resolve_link`: the tests must not judge the agent with its own code.
     fn link(path: &Path) -> Option<String> {
         let mut current = path.to_path_buf();
         for _ in 0..8 {

@@ -46,6 +46,21 @@ impl Signature {
 }
 
 impl SignatureFile {
+    /// Signs `document` with each key: the signature file `fleet-sign release` writes.
+    pub fn sign(document: &[u8], keys: &[&super::SecretKey]) -> Self {
+        let message = super::signed_message(document);
+        Self {
+            signatures: keys
+                .iter()
+                .map(|key| Signature {
+                    key_name: key.name().to_owned(),
+                    bytes: key.sign(&message),
+                })
+                .collect(),
+            junk_lines: 0,
+        }
+    }
+
     /// Parses the file's lines; fails only when the file as a whole is unusable.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         if bytes.len() > super::MAX_SIGNATURE_FILE_BYTES {

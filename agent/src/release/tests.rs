@@ -41,17 +41,7 @@ fn document(serial: u64) -> Vec<u8> {
 }
 
 fn sign(document: &[u8], keys: &[&SecretKey]) -> Vec<u8> {
-    let file = SignatureFile {
-        signatures: keys
-            .iter()
-            .map(|k| Signature {
-                key_name: k.name().to_owned(),
-                bytes: k.sign(&signed_message(document)),
-            })
-            .collect(),
-        junk_lines: 0,
-    };
-    file.render().into_bytes()
+    SignatureFile::sign(document, keys).render().into_bytes()
 }
 
 fn trust(keys: &[&SecretKey], threshold: usize) -> TrustPolicy {

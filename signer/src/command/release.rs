@@ -17,8 +17,8 @@ use crate::config::{Loaded, RawHost};
 use crate::{keyfile, nix};
 use anyhow::{bail, Context as _, Result};
 use fleet_agent::release::{
-    self, signed_message, Accepted, HostEntry, PublicKey, Release, SecretKey, Signature,
-    SignatureFile, Source, StorePath, TrustPolicy, VerifyContext, FORMAT_VERSION,
+    self, Accepted, HostEntry, PublicKey, Release, SecretKey, SignatureFile, Source, StorePath,
+    TrustPolicy, VerifyContext, FORMAT_VERSION,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -475,18 +475,8 @@ pub fn run(args: Args) -> Result<()> {
         .map_err(|e| crate::usage(format!("the release would be invalid: {e}")))?;
     let mut bytes = serde_json::to_vec_pretty(&document)?;
     bytes.push(b'\n');
-    let message = signed_message(&bytes);
-    let signatures = SignatureFile {
-        signatures: settings
-            .keys
-            .iter()
-            .map(|key| Signature {
-                key_name: key.name().to_owned(),
-                bytes: key.sign(&message),
-            })
-            .collect(),
-        junk_lines: 0,
-    };
+    let keys: Vec<&SecretKey> = settings.keys.iter().collect();
+    let signatures = SignatureFile::sign(&bytes, &keys);
     let published = Published {
         document: bytes,
         signatures: signatures.render().into_bytes(),

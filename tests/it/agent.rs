@@ -228,3 +228,35 @@ fn git_over_smart_http_with_a_token_and_over_ssh_with_a_deploy_key() {
         "{requests:?}"
     );
 }
+
+#[test]
+fn check_config_explains_a_good_config_and_names_every_problem_of_a_bad_one() {
+    let dir = fleet_tests::TestDir::new();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "fleet = \"home\"\nhost = \"router1\"\n\
+         trusted_keys = [\"ops1:kQrJ0Q2bTIw7r8pQw3dKsyWyHc8M2oLPtY1r0Qy0mTE=\"]\n\
+         channel = \"https://releases.example.org/home\"\n",
+    )
+    .unwrap();
+    let mut c = std::process::Command::new(fleet_tests::binary("fleet-agent"));
+    c.arg("check-config").arg(&good);
+    let out = run(c);
+    out.ok();
+    assert!(out.stdout.contains("host router1 in fleet home"), "{out}");
+    assert!(out.stdout.contains("trusts 1 of 1 key(s): ops1"), "{out}");
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "fleet = \"home\"\nhost = \"router1\"\ntrusted_keys = []\nchannel = \"ftp://x\"\n",
+    )
+    .unwrap();
+    let mut c = std::process::Command::new(fleet_tests::binary("fleet-agent"));
+    c.arg("check-config").arg(&bad);
+    let out = run(c);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("trusted_keys is empty"), "{out}");
+    assert!(out.stderr.contains("unknown scheme"), "{out}");
+}

@@ -101,6 +101,15 @@ async fn daemon(config: Config) -> u8 {
         config.fleet,
         config.channel
     );
+    // A fleet that boots together (a power cut ends) must not poll in lockstep.
+    let splay_ms = config.poll_splay.as_millis().min(u64::MAX as u128) as u64;
+    if splay_ms > 0 {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=splay_ms))) => {}
+            _ = hup.recv() => log::info!("SIGHUP: polling now"),
+            () = cancel.cancelled() => return 0,
+        }
+    }
     let mut errors = 0u32;
     let mut fast_polls_left = 0u32;
     loop {

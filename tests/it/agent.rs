@@ -159,7 +159,7 @@ fn git_over_smart_http_with_a_token_and_over_ssh_with_a_deploy_key() {
             "http, wrong token",
             &http_url,
             format!("token_file = \"{}\"", wrong_token.display()),
-            Some("channel_unreachable"),
+            Some("channel_credentials"),
         ),
         (
             "http, token",
@@ -175,7 +175,7 @@ fn git_over_smart_http_with_a_token_and_over_ssh_with_a_deploy_key() {
                 ssh.client_key.display(),
                 empty_known_hosts.display()
             ),
-            Some("channel_unreachable"),
+            Some("channel_credentials"),
         ),
         (
             "ssh, deploy key",

@@ -127,6 +127,18 @@ impl Job {
             if error.message().contains("couldn't find remote ref") {
                 return Ok((None, Polled::Empty));
             }
+            let message = error.message();
+            if message.contains("HTTP 401")
+                || message.contains("HTTP 403")
+                || message.contains("Permission denied")
+                || message.contains("Host key verification failed")
+            {
+                return Err(ChannelError::Credentials(format!(
+                    "cannot fetch ref '{}' from '{}': {message} (check token_file, ssh_key_file \
+                     and ssh_known_hosts_file)",
+                    self.refname, self.url
+                )));
+            }
             return Err(git_error(
                 &format!("cannot fetch ref '{}' from '{}'", self.refname, self.url),
                 error,

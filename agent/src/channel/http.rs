@@ -85,6 +85,11 @@ impl HttpChannel {
                 Ok(Some((response, url)))
             }
             StatusCode::NOT_FOUND => Ok(Some((response, url))),
+            status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                Err(ChannelError::Credentials(format!(
+                    "{url} answered HTTP {status}: check token_file"
+                )))
+            }
             status => Err(ChannelError::Http(format!("{url} answered HTTP {status}"))),
         }
     }

@@ -14,7 +14,7 @@ use crate::activate::Activator;
 use crate::channel::{Channel, ChannelError, Fetched, Polled};
 use crate::config::Config;
 use crate::nix::{resolve_link, Nix};
-use crate::release::{self, Accepted, Digest, VerifiedRelease, VerifyContext};
+use crate::release::{self, Accepted, Digest, VerifiedRelease, VerifyContext, VerifyError};
 use crate::state::{AcceptedRelease, LastError, Phase, State, StateError, StateFile};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -98,9 +98,10 @@ pub struct Agent {
     pub(crate) nix: Nix,
     pub(crate) activator: Activator,
     pub(crate) cancel: CancellationToken,
-    /// The bytes of the last poll that brought a release: when the channel reports no change,
-    /// they are judged again (a pending release may now be due, retried, or expired).
-    last_fetched: Option<Fetched>,
+    /// The verdict on the last release the channel sent. When the channel reports no change it
+    /// is judged again without re-checking signatures over the same bytes: a pending release
+    /// may now be due or retried, an accepted one may have expired.
+    last_verdict: Option<Result<VerifiedRelease, VerifyError>>,
 }
 
 /// Why the agent cannot start.
@@ -139,7 +140,7 @@ impl Agent {
             state,
             config,
             cancel,
-            last_fetched: None,
+            last_verdict: None,
         })
     }
 
@@ -205,18 +206,28 @@ impl Agent {
                 return outcome;
             }
         }
-        let fetched = match self.channel.poll().await {
+        let verdict = match self.channel.poll().await {
             Ok(Polled::Empty) => return Outcome::NoRelease,
             // Validators live in memory only, so after a restart the first poll fetches in
-            // full and this is always set when the channel says nothing changed.
-            Ok(Polled::Unchanged) => match self.last_fetched.clone() {
-                Some(fetched) => fetched,
+            // full and a verdict exists whenever the channel says nothing changed.
+            Ok(Polled::Unchanged) => match self.last_verdict.clone() {
+                Some(Ok(verified)) => {
+                    let now = now(self.state.time_floor);
+                    let release = verified.release();
+                    if now >= release.expires {
+                        Err(VerifyError::Expired {
+                            serial: release.serial,
+                            expires: release.expires,
+                            now,
+                        })
+                    } else {
+                        Ok(verified)
+                    }
+                }
+                Some(Err(e)) => Err(e),
                 None => return Outcome::NoRelease,
             },
-            Ok(Polled::Release(fetched)) => {
-                self.last_fetched = Some(fetched.clone());
-                fetched
-            }
+            Ok(Polled::Release(fetched)) => self.verify(&fetched),
             Err(e) => {
                 return self.fail(
                     e.code(),
@@ -225,6 +236,23 @@ impl Agent {
                 )
             }
         };
+        self.last_verdict = Some(verdict.clone());
+        match verdict {
+            Ok(verified) => {
+                self.accept(&verified);
+                self.decide(verified).await
+            }
+            Err(e) => {
+                if e.code() == "signature_invalid" {
+                    // Maybe caught between the writes of the two files: fetch all next time.
+                    self.channel.forget();
+                }
+                self.refuse(e.code(), e.to_string(), None)
+            }
+        }
+    }
+
+    fn verify(&self, fetched: &Fetched) -> Result<VerifiedRelease, VerifyError> {
         let floor = self.state.accepted.as_ref().and_then(|a| {
             Some(Accepted {
                 serial: a.serial,
@@ -236,23 +264,12 @@ impl Agent {
             now: now(self.state.time_floor),
             floor,
         };
-        let verified = match release::verify(
+        release::verify(
             &fetched.document,
             &fetched.signatures,
             &self.config.trust,
             &context,
-        ) {
-            Ok(verified) => verified,
-            Err(e) => {
-                if e.code() == "signature_invalid" {
-                    // Maybe caught between the writes of the two files: fetch all next time.
-                    self.channel.forget();
-                }
-                return self.refuse(e.code(), e.to_string(), None);
-            }
-        };
-        self.accept(&verified);
-        self.decide(verified).await
+        )
     }
 
     fn refuse(&mut self, code: &str, message: String, serial: Option<u64>) -> Outcome {

@@ -260,3 +260,54 @@ fn check_config_explains_a_good_config_and_names_every_problem_of_a_bad_one() {
     assert!(out.stderr.contains("trusted_keys is empty"), "{out}");
     assert!(out.stderr.contains("unknown scheme"), "{out}");
 }
+
+#[test]
+fn idle_git_polls_ask_for_the_one_ref_with_protocol_v2_and_still_see_new_releases() {
+    use fleet_tests::git::GitHttpServer;
+    let mut fleet = Fleet::new(&["a"]);
+    let http = GitHttpServer::serve(&fleet.dir.join("remotes"), None);
+    let host = fleet.host("a", Channel::Directory);
+    let keys = [fleet.release_public_key()];
+    let url = format!("git+{}", http.url("fleet.git"));
+    host.write_config(
+        &fleet.settings(&keys, 1, &url),
+        "poll_interval = \"1s\"",
+        "",
+    );
+    let release = |fleet: &mut Fleet, version: &str| {
+        fleet.fleet.set("a", |h| h.version = version.into());
+        fleet.fleet.commit(version);
+        fleet.release(&[]).ok();
+        fleet.fleet.build("a")
+    };
+    let v2 = release(&mut fleet, "2");
+    let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
+    let _daemon = fleet_tests::KillOnDrop(host.agent(&["run"]).stderr(log).spawn().unwrap());
+    let wait_for_commit = |toplevel: &str| {
+        for _ in 0..150 {
+            let state = host.state_dir.join("state.json");
+            if state.exists() && host.state()["last_good"] == toplevel {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("{toplevel} was not committed");
+    };
+    wait_for_commit(&v2);
+    let before = http.requests().len();
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let idle: Vec<String> = http.requests()[before..].to_vec();
+    let v2_asks = idle
+        .iter()
+        .filter(|r| *r == "Git-Protocol: version=2")
+        .count();
+    assert!(v2_asks >= 2, "idle polls did not use protocol v2: {idle:?}");
+    assert!(
+        !idle.iter().any(|r| r.contains("info/refs")),
+        "idle polls fetched: {idle:?}"
+    );
+
+    let v3 = release(&mut fleet, "3");
+    wait_for_commit(&v3);
+    host.assert_on(&v3);
+}

@@ -91,12 +91,22 @@ impl GitHttpServer {
                 let (path, query) = url.split_once('?').unwrap_or((&url, ""));
                 let mut body = Vec::new();
                 let _ = std::io::Read::read_to_end(request.as_reader(), &mut body);
-                let content_type = request
-                    .headers()
-                    .iter()
-                    .find(|h| h.field.equiv("Content-Type"))
-                    .map(|h| h.value.as_str().to_owned())
-                    .unwrap_or_default();
+                let header = |name: &'static str| {
+                    request
+                        .headers()
+                        .iter()
+                        .find(|h| h.field.equiv(name))
+                        .map(|h| h.value.as_str().to_owned())
+                        .unwrap_or_default()
+                };
+                let content_type = header("Content-Type");
+                // What a web server in front of git http-backend does for protocol v2.
+                let protocol = header("Git-Protocol");
+                if !protocol.is_empty() {
+                    log2.lock()
+                        .unwrap()
+                        .push(format!("Git-Protocol: {protocol}"));
+                }
                 let mut child = Command::new("git")
                     .arg("http-backend")
                     .env("GIT_PROJECT_ROOT", &base)
@@ -107,6 +117,7 @@ impl GitHttpServer {
                     .env("CONTENT_TYPE", content_type)
                     .env("CONTENT_LENGTH", body.len().to_string())
                     .env("REMOTE_ADDR", "127.0.0.1")
+                    .env("GIT_PROTOCOL", &protocol)
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::null())

@@ -49,6 +49,18 @@ impl GitChannel {
     }
 
     pub async fn poll(&mut self) -> Result<Polled, ChannelError> {
+        // The shortcut for an idle poll: ask where the one branch points (protocol v2), and
+        // skip the fetch, whose ref advertisement lists every ref of the remote, when it has
+        // not moved.
+        if let Some(last) = self.last_tip {
+            if let Some(tip) =
+                git_transport::remote_tip_v2(&self.url, &self.refname, &self.transport).await
+            {
+                if tip == last.to_string() {
+                    return Ok(Polled::Unchanged);
+                }
+            }
+        }
         let mut transport = self.transport.clone();
         transport.runtime = Some(tokio::runtime::Handle::current());
         let job = Job {

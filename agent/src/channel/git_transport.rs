@@ -467,3 +467,178 @@ mod tests {
         assert_eq!(shell_quote("/srv/it's.git"), r"'/srv/it'\''s.git'");
     }
 }
+
+// ---- protocol v2 ls-refs: the idle-poll shortcut ----
+
+/// Encodes one pkt-line.
+fn pkt(line: &str) -> Vec<u8> {
+    let mut out = format!("{:04x}", line.len() + 4).into_bytes();
+    out.extend_from_slice(line.as_bytes());
+    out
+}
+
+/// The body of a protocol v2 `ls-refs` request for exactly one branch.
+fn ls_refs_request(refname: &str) -> Vec<u8> {
+    let mut body = pkt("command=ls-refs\n");
+    body.extend_from_slice(b"0001");
+    body.extend(pkt(&format!("ref-prefix refs/heads/{refname}\n")));
+    body.extend_from_slice(b"0000");
+    body
+}
+
+/// Reads pkt-lines up to a flush packet; `None` when the bytes are not pkt-lines.
+fn parse_pkt_lines(mut bytes: &[u8]) -> Option<(Vec<String>, &[u8])> {
+    let mut lines = Vec::new();
+    loop {
+        let len = usize::from_str_radix(std::str::from_utf8(bytes.get(..4)?).ok()?, 16).ok()?;
+        if len == 0 {
+            return Some((lines, &bytes[4..]));
+        }
+        if len < 4 {
+            // A delimiter or response-end packet: not expected in an ls-refs answer.
+            return None;
+        }
+        let line = std::str::from_utf8(bytes.get(4..len)?).ok()?;
+        lines.push(line.trim_end_matches('\n').to_owned());
+        bytes = &bytes[len..];
+    }
+}
+
+/// The commit `refs/heads/<refname>` points at, from an ls-refs answer.
+fn tip_from_ls_refs(lines: &[String], refname: &str) -> Option<String> {
+    let wanted = format!("refs/heads/{refname}");
+    lines.iter().find_map(|line| {
+        let mut words = line.split(' ');
+        let oid = words.next()?;
+        (words.next()? == wanted && oid.len() >= 40).then(|| oid.to_owned())
+    })
+}
+
+/// Asks the remote, with git protocol v2 `ls-refs` and a ref prefix, where one branch points:
+/// a few hundred bytes whatever the number of refs the remote has. `None` when the remote or
+/// its URL scheme does not support it (the caller then fetches with libgit2 as usual).
+pub async fn remote_tip_v2(url: &str, refname: &str, settings: &Settings) -> Option<String> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        let client = reqwest::Client::builder()
+            .connect_timeout(super::CONNECT_TIMEOUT)
+            .timeout(settings.timeout.max(Duration::from_secs(1)))
+            .user_agent(concat!(
+                "git/2.0 (fleet-agent/",
+                env!("CARGO_PKG_VERSION"),
+                ")"
+            ))
+            .build()
+            .ok()?;
+        let mut request = client
+            .post(format!("{}/git-upload-pack", url.trim_end_matches('/')))
+            .header("Git-Protocol", "version=2")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-git-upload-pack-request",
+            )
+            .header(
+                reqwest::header::ACCEPT,
+                "application/x-git-upload-pack-result",
+            )
+            .body(ls_refs_request(refname));
+        if let Some(token) = &settings.token {
+            let user = reqwest::Url::parse(url)
+                .ok()
+                .map(|u| u.username().to_owned())
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| "fleet".into());
+            request = request.basic_auth(user, Some(token));
+        }
+        let response = request.send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let bytes = response.bytes().await.ok()?;
+        if bytes.len() > 64 << 10 {
+            return None;
+        }
+        let (lines, _) = parse_pkt_lines(&bytes)?;
+        return tip_from_ls_refs(&lines, refname);
+    }
+    if let Some(rest) = url.strip_prefix("git://") {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (authority, path) = rest.split_once('/')?;
+        let work = async {
+            let mut stream = tokio::net::TcpStream::connect(if authority.contains(':') {
+                authority.to_owned()
+            } else {
+                format!("{authority}:9418")
+            })
+            .await
+            .ok()?;
+            // The git daemon request, asking for protocol v2 in its extra parameters.
+            let mut hello = format!("git-upload-pack /{path}\0host={authority}\0").into_bytes();
+            hello.extend_from_slice(b"\0version=2\0");
+            let mut request = format!("{:04x}", hello.len() + 4).into_bytes();
+            request.extend(hello);
+            stream.write_all(&request).await.ok()?;
+            // The v2 capability advertisement, up to its flush packet.
+            let mut buffer = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let rest = loop {
+                let n = stream.read(&mut chunk).await.ok()?;
+                if n == 0 || buffer.len() > 64 << 10 {
+                    return None;
+                }
+                buffer.extend_from_slice(&chunk[..n]);
+                if let Some((lines, rest)) = parse_pkt_lines(&buffer) {
+                    if lines.first().map(String::as_str) != Some("version 2") {
+                        return None;
+                    }
+                    break rest.to_vec();
+                }
+            };
+            stream.write_all(&ls_refs_request(refname)).await.ok()?;
+            let mut buffer = rest;
+            loop {
+                if let Some((lines, _)) = parse_pkt_lines(&buffer) {
+                    return tip_from_ls_refs(&lines, refname);
+                }
+                let n = stream.read(&mut chunk).await.ok()?;
+                if n == 0 || buffer.len() > 64 << 10 {
+                    return None;
+                }
+                buffer.extend_from_slice(&chunk[..n]);
+            }
+        };
+        return tokio::time::timeout(settings.timeout, work)
+            .await
+            .ok()
+            .flatten();
+    }
+    None
+}
+
+#[cfg(test)]
+mod v2_tests {
+    use super::*;
+
+    #[test]
+    fn encodes_an_ls_refs_request() {
+        assert_eq!(
+            String::from_utf8(ls_refs_request("fleet-release")).unwrap(),
+            "0014command=ls-refs\n00010028ref-prefix refs/heads/fleet-release\n0000"
+        );
+    }
+
+    #[test]
+    fn reads_the_tip_from_an_answer() {
+        let oid = "5b1c3e0f9a8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b";
+        let mut answer = pkt(&format!("{oid} refs/heads/fleet-release\n"));
+        answer.extend_from_slice(b"0000");
+        let (lines, rest) = parse_pkt_lines(&answer).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(
+            tip_from_ls_refs(&lines, "fleet-release").as_deref(),
+            Some(oid)
+        );
+        assert_eq!(tip_from_ls_refs(&lines, "fleet"), None);
+        assert_eq!(parse_pkt_lines(b"zz"), None);
+        assert_eq!(parse_pkt_lines(b"0001"), None);
+    }
+}

@@ -2,9 +2,10 @@
 //!
 //! Realising is substitution only by default: `nix-store --realise` of an output path can fetch
 //! it from a substituter but never build it, so a path missing from every trusted cache is an
-//! error ("not in any trusted cache"), never a surprise build of a whole system on a Pi. Nix's
-//! own signature checks stay on, and the agent refuses to run when the host's Nix config turns
-//! them off. Works from Nix 2.8 on: `nix build --json`, never `--print-out-paths`.
+//! error ("not in any trusted cache"), never a surprise build of a whole system on a Pi. Every
+//! command passes `--option require-sigs true`, so Nix's signature checks apply to whatever the
+//! agent brings in even on a misconfigured host, and the agent refuses to activate anything on a
+//! host whose Nix config turns them off. Works from Nix 2.8 on: `nix build --json`, never `--print-out-paths`.
 
 use crate::config::Config;
 use crate::process::{self, ProcessError};
@@ -88,6 +89,8 @@ impl Nix {
         if program == "nix" {
             command.args(["--extra-experimental-features", "nix-command flakes"]);
         }
+        // Whatever the host's config says, nothing unsigned enters the store through the agent.
+        command.args(["--option", "require-sigs", "true"]);
         if let Some(store) = &self.store {
             command.args(["--store", store]);
         }

@@ -354,3 +354,27 @@ fn closures_unsigned_or_signed_by_an_untrusted_key_are_never_activated() {
         assert_eq!(s.host.switch_calls().len(), switches);
     }
 }
+
+#[test]
+fn a_host_whose_nix_config_turns_signature_checks_off_activates_nothing() {
+    let mut fleet = Fleet::new(&["a"]);
+    let host = fleet.host("a", Channel::Directory);
+    let v1 = fleet.fleet.build("a");
+    fleet.fleet.set("a", |h| h.version = "2".into());
+    fleet.fleet.commit("a: v2");
+    fleet.release(&[]).ok();
+    let mut command = host.agent(&["once", "--json"]);
+    let nix_config = host.env()[0].1.clone() + "\nrequire-sigs = false";
+    command.env("NIX_CONFIG", nix_config);
+    let out = run(command);
+    assert_eq!(out.code, Some(1), "{out}");
+    let outcome: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(outcome["code"], "signatures_disabled", "{outcome}");
+    assert!(outcome["message"]
+        .as_str()
+        .unwrap()
+        .contains("require-sigs = false"));
+    host.assert_on(&v1);
+    assert!(host.switch_calls().is_empty());
+    assert!(!host.state_dir.join("gcroots/candidate").exists());
+}

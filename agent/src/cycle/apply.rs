@@ -77,7 +77,6 @@ impl Agent {
         verified: &VerifiedRelease,
         toplevel: &str,
     ) -> Result<(), NixError> {
-        self.nix.check_require_sigs(&self.cancel).await?;
         let root = self.gc_root("candidate");
         if let Some(dir) = root.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -87,16 +86,23 @@ impl Agent {
         if self.config.use_release_substituters {
             substituters.extend(release.substituters.iter().cloned());
         }
-        let substituted = self
-            .nix
-            .substitute(
+        // The realise forces Nix's signature checks itself, so the config check that refuses a
+        // host with require-sigs = false can run beside it instead of before it (it costs a
+        // `nix show-config`, ~40 ms); its verdict still comes before anything is activated.
+        let (sigs, substituted) = tokio::join!(
+            self.nix.check_require_sigs(&self.cancel),
+            self.nix.substitute(
                 toplevel,
                 &substituters,
                 &root,
                 self.config.realise_timeout,
                 &self.cancel,
             )
-            .await;
+        );
+        if let Err(e) = sigs {
+            let _ = std::fs::remove_file(&root);
+            return Err(e);
+        }
         match substituted {
             Err(NixError::NotInCache { .. })
                 if self.config.realise == RealiseMode::SubstituteOrBuild =>

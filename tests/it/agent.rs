@@ -95,17 +95,8 @@ fn the_daemon_polls_at_once_on_poll_now_and_stops_on_sigterm() {
     );
     let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
     let mut daemon = fleet_tests::KillOnDrop(host.agent(&["run"]).stderr(log).spawn().unwrap());
-    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-        for _ in 0..100 {
-            if done() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        panic!("timed out waiting for {what}");
-    };
     // The first poll happens at start and finds nothing.
-    wait_for("the first poll", &|| {
+    fleet_tests::wait_until("the first poll", 15, || {
         fleet.www.requests_matching("release.json").len() == 1
             && host.state_dir.join("agent.json").exists()
     });
@@ -119,7 +110,7 @@ fn the_daemon_polls_at_once_on_poll_now_and_stops_on_sigterm() {
     fleet.release(&[]).ok();
     let v2 = fleet.fleet.build("a");
     run(host.agent(&["poll-now"])).ok();
-    wait_for("the commit", &|| {
+    fleet_tests::wait_until("the commit", 15, || {
         host.generation().as_deref() == Some(v2.as_str())
     });
     host.assert_on(&v2);
@@ -284,14 +275,9 @@ fn idle_git_polls_ask_for_the_one_ref_with_protocol_v2_and_still_see_new_release
     let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
     let _daemon = fleet_tests::KillOnDrop(host.agent(&["run"]).stderr(log).spawn().unwrap());
     let wait_for_commit = |toplevel: &str| {
-        for _ in 0..150 {
-            let state = host.state_dir.join("state.json");
-            if state.exists() && host.state()["last_good"] == toplevel {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        panic!("{toplevel} was not committed");
+        fleet_tests::wait_until(&format!("the commit of {toplevel}"), 15, || {
+            host.state_dir.join("state.json").exists() && host.state()["last_good"] == toplevel
+        })
     };
     wait_for_commit(&v2);
     let before = http.requests().len();

@@ -188,16 +188,7 @@ fn a_failed_realise_is_retried_although_the_channel_did_not_change() {
     );
     let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
     let _daemon = fleet_tests::KillOnDrop(host.agent(&["run"]).stderr(log).spawn().unwrap());
-    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-        for _ in 0..150 {
-            if done() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        panic!("timed out waiting for {what}");
-    };
-    wait_for("the failed realise", &|| {
+    fleet_tests::wait_until("the failed realise", 15, || {
         host.state_dir.join("state.json").exists()
             && host.state()["last_error"]["code"] == "not_in_cache"
     });
@@ -205,7 +196,7 @@ fn a_failed_realise_is_retried_although_the_channel_did_not_change() {
     // The cache comes back; the release does not change.
     std::fs::remove_dir_all(&cache).unwrap();
     std::fs::rename(&hidden, &cache).unwrap();
-    wait_for("the commit", &|| {
+    fleet_tests::wait_until("the commit", 15, || {
         let state = host.state();
         state["last_good"] == v2.as_str() && state["phase"]["phase"] == "idle"
     });

@@ -160,3 +160,14 @@ pub fn wait_for_port(port: u16) {
     }
     panic!("nothing listens on 127.0.0.1:{port} after 10 s");
 }
+
+/// Polls `done` every 100 ms for up to `seconds`; panics naming `what` if it never holds.
+pub fn wait_until(what: &str, seconds: u64, done: impl Fn() -> bool) {
+    for _ in 0..seconds * 10 {
+        if done() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("timed out after {seconds} s waiting for {what}");
+}

@@ -83,6 +83,39 @@ fn error(message: impl Into<String>) -> std::io::Error {
 
 // ---- smart HTTP ----
 
+/// The HTTP client for git requests.
+fn http_client(settings: &Settings) -> Option<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(super::CONNECT_TIMEOUT)
+        .timeout(settings.timeout.max(Duration::from_secs(1)))
+        .user_agent(concat!(
+            "git/2.0 (fleet-agent/",
+            env!("CARGO_PKG_VERSION"),
+            ")"
+        ))
+        .build()
+        .ok()
+}
+
+/// Adds the token as the basic-auth password (user from the URL, else `fleet`).
+fn authorize(
+    request: reqwest::RequestBuilder,
+    url: &str,
+    settings: &Settings,
+) -> reqwest::RequestBuilder {
+    match &settings.token {
+        Some(token) => {
+            let user = reqwest::Url::parse(url)
+                .ok()
+                .map(|u| u.username().to_owned())
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| "fleet".into());
+            request.basic_auth(user, Some(token))
+        }
+        None => request,
+    }
+}
+
 struct HttpTransport;
 
 impl SmartSubtransport for HttpTransport {
@@ -138,16 +171,8 @@ impl HttpStream {
             .runtime
             .clone()
             .ok_or_else(|| error("git over HTTP needs the agent's runtime"))?;
-        let client = reqwest::Client::builder()
-            .connect_timeout(super::CONNECT_TIMEOUT)
-            .timeout(settings.timeout.max(Duration::from_secs(1)))
-            .user_agent(concat!(
-                "git/2.0 (fleet-agent/",
-                env!("CARGO_PKG_VERSION"),
-                ")"
-            ))
-            .build()
-            .map_err(|e| error(format!("cannot set up the HTTP client: {e}")))?;
+        let client =
+            http_client(&settings).ok_or_else(|| error("cannot set up the HTTP client"))?;
         let mut request = client.request(self.method.clone(), &self.url);
         if let Some(content_type) = self.content_type {
             request = request
@@ -158,14 +183,7 @@ impl HttpStream {
                 )
                 .body(std::mem::take(&mut self.body));
         }
-        if let Some(token) = &settings.token {
-            let user = reqwest::Url::parse(&self.url)
-                .ok()
-                .map(|u| u.username().to_owned())
-                .filter(|u| !u.is_empty())
-                .unwrap_or_else(|| "fleet".into());
-            request = request.basic_auth(user, Some(token));
-        }
+        let request = authorize(request, &self.url, &settings);
         let url = self.url.clone();
         runtime.block_on(async move {
             let mut response = request
@@ -519,17 +537,8 @@ fn tip_from_ls_refs(lines: &[String], refname: &str) -> Option<String> {
 /// its URL scheme does not support it (the caller then fetches with libgit2 as usual).
 pub async fn remote_tip_v2(url: &str, refname: &str, settings: &Settings) -> Option<String> {
     if url.starts_with("http://") || url.starts_with("https://") {
-        let client = reqwest::Client::builder()
-            .connect_timeout(super::CONNECT_TIMEOUT)
-            .timeout(settings.timeout.max(Duration::from_secs(1)))
-            .user_agent(concat!(
-                "git/2.0 (fleet-agent/",
-                env!("CARGO_PKG_VERSION"),
-                ")"
-            ))
-            .build()
-            .ok()?;
-        let mut request = client
+        let client = http_client(settings)?;
+        let request = client
             .post(format!("{}/git-upload-pack", url.trim_end_matches('/')))
             .header("Git-Protocol", "version=2")
             .header(
@@ -541,14 +550,7 @@ pub async fn remote_tip_v2(url: &str, refname: &str, settings: &Settings) -> Opt
                 "application/x-git-upload-pack-result",
             )
             .body(ls_refs_request(refname));
-        if let Some(token) = &settings.token {
-            let user = reqwest::Url::parse(url)
-                .ok()
-                .map(|u| u.username().to_owned())
-                .filter(|u| !u.is_empty())
-                .unwrap_or_else(|| "fleet".into());
-            request = request.basic_auth(user, Some(token));
-        }
+        let request = authorize(request, url, settings);
         let response = request.send().await.ok()?;
         if !response.status().is_success() {
             return None;

@@ -38,6 +38,7 @@ struct Cli {
 enum Command {
     Keygen(command::keygen::Args),
     Release(command::release::Args),
+    Sign(command::sign::Args),
     Verify(command::verify::Args),
 }
 
@@ -70,6 +71,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Keygen(args) => command::keygen::run(args),
         Command::Release(args) => command::release::run(args),
+        Command::Sign(args) => command::sign::run(args),
         Command::Verify(args) => command::verify::run(args),
     };
     match result {

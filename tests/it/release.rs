@@ -261,3 +261,60 @@ fn keygen_writes_a_private_key_and_refuses_to_overwrite() {
     run(c).fails_with(2, "already exists");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), secret);
 }
+
+#[test]
+fn a_cosigned_release_reaches_hosts_only_when_the_second_key_holder_signs() {
+    use crate::common::Channel;
+    let mut op = Fleet::new(&["a"]);
+    // A second operator with a key of their own; hosts need both.
+    let second = op.dir.join("ops2.sec");
+    let mut keygen = command("fleet-sign");
+    keygen.args(["keygen", "ops2", "--out"]).arg(&second);
+    let second_pub = run(keygen).stdout.trim().to_owned();
+    let keys = [op.release_public_key(), second_pub.clone()];
+    let host = op.host("a", Channel::Directory);
+    let url = op.channel_url(Channel::Directory);
+    host.write_config(&op.settings(&keys, 2, &url), "", "");
+    let v1 = op.fleet.build("a");
+    op.fleet.set("a", |h| h.version = "2".into());
+    op.fleet.commit("a: v2");
+    let trust = [
+        "--trusted-key",
+        &keys[0],
+        "--trusted-key",
+        &keys[1],
+        "--threshold",
+        "2",
+    ];
+
+    // One key holder alone cannot release without saying so...
+    op.release(&trust).fails_with(2, "--cosign");
+    // ...and with --cosign the release is published but not yet good enough for hosts.
+    op.release(&[&trust[..], &["--cosign"]].concat()).ok();
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(code, Some(3), "{outcome}");
+    assert_eq!(outcome["code"], "below_threshold");
+    host.assert_on(&v1);
+
+    // The second key holder adds a signature to both channels.
+    let mut sign = command("fleet-sign");
+    sign.args(["sign", "--channel", &op.git_channel(), "--channel", &url])
+        .arg("--key")
+        .arg(&second)
+        .args(trust);
+    let out = run(sign);
+    out.ok();
+    assert!(
+        out.stdout.contains("is complete: signed by ops1, ops2"),
+        "{out}"
+    );
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    host.assert_on(&op.fleet.build("a"));
+    // The git channel carries the same two signatures.
+    let verified = json(&op.verify(
+        &op.git_channel(),
+        &["--key", &second_pub, "--threshold", "2", "--json"],
+    ));
+    assert_eq!(verified["signed_by"], serde_json::json!(["ops1", "ops2"]));
+}

@@ -2,6 +2,7 @@
 
 pub mod keygen;
 pub mod release;
+pub mod sign;
 pub mod verify;
 
 /// Formats Unix seconds as RFC 3339 UTC.

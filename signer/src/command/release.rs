@@ -72,6 +72,10 @@ pub struct Args {
     /// Release from a flake with uncommitted changes (the release then names no commit).
     #[arg(long)]
     allow_dirty: bool,
+    /// Publish with fewer signatures than hosts need: the other key holders add theirs with
+    /// `fleet-sign sign`, and hosts take the release once it reaches their threshold.
+    #[arg(long)]
+    cosign: bool,
     /// Config file (default: ./fleet.toml if present).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -86,6 +90,9 @@ struct Settings {
     flake: String,
     keys: Vec<SecretKey>,
     trust: TrustPolicy,
+    /// What the new release is checked against before publishing: `trust`, with the threshold
+    /// lowered to the signing keys when co-signing.
+    self_check: TrustPolicy,
     cache: String,
     cache_key: Option<(PathBuf, PublicKey)>,
     substituters: Vec<String>,
@@ -138,13 +145,19 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
         .iter()
         .filter(|k| trust.keys().contains(&k.public()))
         .count();
-    if signing_trusted < trust.threshold() {
+    if signing_trusted == 0 || (signing_trusted < trust.threshold() && !args.cosign) {
         return Err(crate::usage(format!(
             "hosts need {} signatures from trusted keys but only {signing_trusted} of the \
-             signing keys are trusted: add --key for more keys",
+             signing keys are trusted: add --key for more keys, or publish with --cosign and \
+             have the other key holders run fleet-sign sign",
             trust.threshold()
         )));
     }
+    let self_check = TrustPolicy::new(
+        trust.keys().to_vec(),
+        trust.threshold().min(signing_trusted),
+    )
+    .map_err(crate::usage)?;
     let cache = args
         .cache
         .clone()
@@ -198,6 +211,7 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
         flake,
         keys,
         trust,
+        self_check,
         cache,
         cache_key,
         substituters,
@@ -271,7 +285,8 @@ fn current_release(settings: &Settings) -> Result<Option<(Release, Accepted)>> {
         .with_context(|| {
             format!(
                 "the release now in {channel} does not verify with the trusted keys: refusing to \
-                 build on it (inspect it with fleet-sign verify --from {channel})"
+                 build on it (inspect it with fleet-sign verify --from {channel}; a --cosign \
+                 release still waiting for signatures is finished with fleet-sign sign)"
             )
         })?;
         let accepted = Accepted {
@@ -485,7 +500,7 @@ pub fn run(args: Args) -> Result<()> {
     release::verify(
         &published.document,
         &published.signatures,
-        &settings.trust,
+        &settings.self_check,
         &VerifyContext {
             fleet: settings.fleet.clone(),
             now: started,

@@ -1,0 +1,167 @@
+//! `fleet-sign sign`: add your signature to the release a channel holds, for fleets whose hosts
+//! need signatures from several key holders (a `--cosign` release).
+
+use super::{now, verify::trust_policy};
+use crate::channel::{Channel, Published};
+use crate::config::Loaded;
+use crate::keyfile;
+use anyhow::{Context as _, Result};
+use fleet_agent::release::{
+    self, Release, SecretKey, SignatureFile, VerifyContext, VerifyError, MAX_SIGNATURES,
+};
+use std::path::PathBuf;
+
+/// Add signatures to a published release, without changing its document.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A channel holding the release; repeat for several: the first is read, every one is
+    /// written, and all must hold the same document (default: channels from the config).
+    #[arg(long = "channel")]
+    channels: Vec<String>,
+    /// A secret key to sign with; repeat for several (default: keys from the config).
+    #[arg(long = "key")]
+    keys: Vec<PathBuf>,
+    /// Public keys hosts trust, to report how far the release is from their threshold
+    /// (default: trusted_keys from the config, else the public halves of the signing keys).
+    #[arg(long = "trusted-key")]
+    trusted_keys: Vec<String>,
+    /// How many trusted keys hosts require (default: from the config, else 1).
+    #[arg(long)]
+    threshold: Option<usize>,
+    /// The fleet the release must be for (default: from the config).
+    #[arg(long)]
+    fleet: Option<String>,
+    /// Config file (default: ./fleet.toml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let config = Loaded::load(args.config.as_deref())?;
+    let key_paths: Vec<PathBuf> = if args.keys.is_empty() {
+        config.raw.keys.iter().map(|p| config.resolve(p)).collect()
+    } else {
+        args.keys.clone()
+    };
+    if key_paths.is_empty() {
+        return Err(crate::usage(
+            "no signing key: give --key or set keys in fleet.toml",
+        ));
+    }
+    let keys = key_paths
+        .iter()
+        .map(|p| keyfile::read_secret(p))
+        .collect::<Result<Vec<SecretKey>>>()?;
+    let channel_texts = if args.channels.is_empty() {
+        &config.raw.channels
+    } else {
+        &args.channels
+    };
+    let channels = channel_texts
+        .iter()
+        .map(|c| Channel::parse(c).map_err(|e| crate::usage(format!("{e:#}"))))
+        .collect::<Result<Vec<_>>>()?;
+    let Some(first) = channels.first() else {
+        return Err(crate::usage(
+            "no channel: give --channel or set channels in fleet.toml",
+        ));
+    };
+    let current = first
+        .read()
+        .with_context(|| format!("could not read the release from {first}"))?
+        .ok_or_else(|| crate::usage(format!("{first} holds no release to sign")))?;
+    for channel in &channels[1..] {
+        let other = channel
+            .read()
+            .with_context(|| format!("could not read the release from {channel}"))?;
+        if other.as_ref().map(|o| &o.document) != Some(&current.document) {
+            return Err(crate::usage(format!(
+                "{channel} does not hold the same release document as {first}: refusing to sign \
+                 (sign each release on its own)"
+            )));
+        }
+    }
+    // Sign only what parses as a release for this fleet: a signature is a promise.
+    let document: Release = serde_json::from_slice(&current.document).map_err(|e| {
+        crate::usage(format!(
+            "the release in {first} is not a valid release: {e}"
+        ))
+    })?;
+    document
+        .validate()
+        .map_err(|e| crate::usage(format!("the release in {first} is not valid: {e}")))?;
+    if let Some(fleet) = args.fleet.clone().or(config.raw.fleet.clone()) {
+        if document.fleet != fleet {
+            return Err(crate::usage(format!(
+                "the release in {first} is for fleet '{}', not '{fleet}': refusing to sign",
+                document.fleet
+            )));
+        }
+    }
+
+    let existing = SignatureFile::parse(&current.signatures).unwrap_or_default();
+    let mut signatures = SignatureFile {
+        signatures: existing
+            .signatures
+            .into_iter()
+            .filter(|s| !keys.iter().any(|k| k.name() == s.key_name))
+            .collect(),
+        junk_lines: 0,
+    };
+    let refs: Vec<&SecretKey> = keys.iter().collect();
+    signatures
+        .signatures
+        .extend(SignatureFile::sign(&current.document, &refs).signatures);
+    if signatures.signatures.len() > MAX_SIGNATURES {
+        return Err(crate::usage(format!(
+            "the release would carry more than {MAX_SIGNATURES} signatures"
+        )));
+    }
+    let signed = Published {
+        document: current.document.clone(),
+        signatures: signatures.render().into_bytes(),
+    };
+    let names: Vec<&str> = keys.iter().map(|k| k.name()).collect();
+    let message = format!(
+        "fleet {} release {}: signed by {}\n",
+        document.fleet,
+        document.serial,
+        names.join(", ")
+    );
+    for channel in &channels {
+        let place = channel
+            .publish(&signed, &message)
+            .with_context(|| format!("could not publish to {channel}"))?;
+        eprintln!("signed release {} in {channel} ({place})", document.serial);
+    }
+
+    // Where the release stands now, as hosts will see it.
+    let mut trusted = args.trusted_keys.clone();
+    if trusted.is_empty() && config.raw.trusted_keys.is_empty() {
+        trusted = keys.iter().map(|k| k.public().to_string()).collect();
+    }
+    let trust = trust_policy(&trusted, args.threshold, &config)?;
+    let context = VerifyContext {
+        fleet: document.fleet.clone(),
+        now: now(),
+        floor: None,
+    };
+    match release::verify(&signed.document, &signed.signatures, &trust, &context) {
+        Ok(verified) => println!(
+            "release {} is complete: signed by {} ({} of {} needed)",
+            document.serial,
+            verified.signed_by().join(", "),
+            verified.signed_by().len(),
+            trust.threshold()
+        ),
+        Err(VerifyError::NotEnoughSignatures {
+            valid, threshold, ..
+        }) => println!(
+            "release {} has {valid} of the {threshold} signatures hosts need: waiting for more \
+             (fleet-sign sign by the other key holders)",
+            document.serial
+        ),
+        Err(e) => return Err(anyhow::Error::new(e).context("the signed release does not verify")),
+    }
+    Ok(())
+}

@@ -297,3 +297,46 @@ fn idle_git_polls_ask_for_the_one_ref_with_protocol_v2_and_still_see_new_release
     wait_for_commit(&v3);
     host.assert_on(&v3);
 }
+
+#[test]
+fn a_release_published_during_a_health_window_is_still_picked_up() {
+    let mut fleet = Fleet::new(&["a"]);
+    let host = fleet.host("a", Channel::Http);
+    fleet.fleet.set("a", |h| h.version = "2".into());
+    fleet.fleet.commit("a: v2");
+    fleet.release(&[]).ok();
+    let v2 = fleet.fleet.build("a");
+    // Release 2 (v3) is signed now but kept aside; the health check of v2 publishes it, so it
+    // appears while the agent's own channel-reachable check is polling.
+    fleet.fleet.set("a", |h| h.version = "3".into());
+    fleet.fleet.commit("a: v3");
+    let staging = fleet.dir.join("staging");
+    let channels = [staging.display().to_string()];
+    fleet
+        .release_with(&[&fleet.release_key], &channels, &["--serial", "2"])
+        .ok();
+    let v3 = fleet.fleet.build("a");
+    let publish = format!(
+        "cp {0}/release.json {0}/release.json.sig {1}/",
+        staging.display(),
+        fleet.channel_dir.display()
+    );
+    let keys = [fleet.release_public_key()];
+    let url = fleet.channel_url(Channel::Http);
+    let check = format!(
+        "[[health.checks]]\ntype = \"command\"\ncommand = [\"sh\", \"-c\", \"{publish}\"]\n"
+    );
+    host.write_config(
+        &fleet.settings(&keys, 1, &url),
+        "poll_interval = \"1s\"",
+        &check,
+    );
+    let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
+    let _daemon = fleet_tests::KillOnDrop(host.agent(&["run"]).stderr(log).spawn().unwrap());
+    fleet_tests::wait_until("the commit of v3", 20, || {
+        host.state_dir.join("state.json").exists() && host.state()["last_good"] == v3.as_str()
+    });
+    host.assert_on(&v3);
+    let calls = host.switch_calls();
+    assert_eq!(&calls[..2], [format!("test {v2}"), format!("boot {v2}")]);
+}

@@ -143,9 +143,12 @@ impl Channel {
     }
 
     /// Whether the channel can still be reached (a health check): a full poll that must not
-    /// fail, its result ignored.
+    /// fail. What it saw is forgotten, so a release published during the health window is
+    /// still news to the next real poll.
     pub async fn reachable(&mut self) -> Result<(), ChannelError> {
-        self.poll().await.map(drop)
+        let result = self.poll().await.map(drop);
+        self.forget();
+        result
     }
 }
 

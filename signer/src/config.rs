@@ -22,7 +22,10 @@
 //! wave = 0
 //! ```
 
+use crate::channel::Channel;
+use crate::keyfile;
 use anyhow::{Context as _, Result};
+use fleet_agent::release::SecretKey;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -109,5 +112,39 @@ impl Loaded {
     /// A path from the file, made relative to the file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
         self.base.join(path)
+    }
+
+    /// The signing keys: `--key` flags, else `keys` from the file; refuses none at all.
+    pub fn signing_keys(&self, flags: &[PathBuf]) -> Result<Vec<SecretKey>> {
+        let paths: Vec<PathBuf> = if flags.is_empty() {
+            self.raw.keys.iter().map(|p| self.resolve(p)).collect()
+        } else {
+            flags.to_vec()
+        };
+        if paths.is_empty() {
+            return Err(crate::usage(
+                "no signing key: give --key or set keys in fleet.toml (make one with fleet-sign \
+                 keygen)",
+            ));
+        }
+        paths.iter().map(|p| keyfile::read_secret(p)).collect()
+    }
+
+    /// The channels: `--channel` flags, else `channels` from the file; refuses none at all.
+    pub fn channels(&self, flags: &[String]) -> Result<Vec<Channel>> {
+        let texts = if flags.is_empty() {
+            &self.raw.channels
+        } else {
+            flags
+        };
+        if texts.is_empty() {
+            return Err(crate::usage(
+                "no channel: give --channel or set channels in fleet.toml",
+            ));
+        }
+        texts
+            .iter()
+            .map(|c| Channel::parse(c).map_err(|e| crate::usage(format!("{e:#}"))))
+            .collect()
     }
 }

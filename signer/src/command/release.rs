@@ -122,20 +122,7 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
             }
         },
     );
-    let key_paths: Vec<PathBuf> = if args.keys.is_empty() {
-        config.raw.keys.iter().map(|p| config.resolve(p)).collect()
-    } else {
-        args.keys.clone()
-    };
-    if key_paths.is_empty() {
-        return Err(crate::usage(
-            "no signing key: give --key or set keys in fleet.toml (make one with fleet-sign keygen)",
-        ));
-    }
-    let keys = key_paths
-        .iter()
-        .map(|p| keyfile::read_secret(p))
-        .collect::<Result<Vec<_>>>()?;
+    let keys = config.signing_keys(&args.keys)?;
     let mut trusted = args.trusted_keys.clone();
     if trusted.is_empty() && config.raw.trusted_keys.is_empty() {
         trusted = keys.iter().map(|k| k.public().to_string()).collect();
@@ -174,20 +161,7 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
         }
         None => None,
     };
-    let channel_texts = if args.channels.is_empty() {
-        &config.raw.channels
-    } else {
-        &args.channels
-    };
-    if channel_texts.is_empty() {
-        return Err(crate::usage(
-            "no channel to publish to: give --channel or set channels in fleet.toml",
-        ));
-    }
-    let channels = channel_texts
-        .iter()
-        .map(|c| Channel::parse(c).map_err(|e| crate::usage(format!("{e:#}"))))
-        .collect::<Result<Vec<_>>>()?;
+    let channels = config.channels(&args.channels)?;
     let expires = args
         .expires
         .clone()

@@ -2,9 +2,8 @@
 //! need signatures from several key holders (a `--cosign` release).
 
 use super::{now, verify::trust_policy};
-use crate::channel::{Channel, Published};
+use crate::channel::Published;
 use crate::config::Loaded;
-use crate::keyfile;
 use anyhow::{Context as _, Result};
 use fleet_agent::release::{
     self, Release, SecretKey, SignatureFile, VerifyContext, VerifyError, MAX_SIGNATURES,
@@ -38,29 +37,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let config = Loaded::load(args.config.as_deref())?;
-    let key_paths: Vec<PathBuf> = if args.keys.is_empty() {
-        config.raw.keys.iter().map(|p| config.resolve(p)).collect()
-    } else {
-        args.keys.clone()
-    };
-    if key_paths.is_empty() {
-        return Err(crate::usage(
-            "no signing key: give --key or set keys in fleet.toml",
-        ));
-    }
-    let keys = key_paths
-        .iter()
-        .map(|p| keyfile::read_secret(p))
-        .collect::<Result<Vec<SecretKey>>>()?;
-    let channel_texts = if args.channels.is_empty() {
-        &config.raw.channels
-    } else {
-        &args.channels
-    };
-    let channels = channel_texts
-        .iter()
-        .map(|c| Channel::parse(c).map_err(|e| crate::usage(format!("{e:#}"))))
-        .collect::<Result<Vec<_>>>()?;
+    let keys = config.signing_keys(&args.keys)?;
+    let channels = config.channels(&args.channels)?;
     let Some(first) = channels.first() else {
         return Err(crate::usage(
             "no channel: give --channel or set channels in fleet.toml",

@@ -48,6 +48,15 @@ impl GitChannel {
         self.last_tip = None;
     }
 
+    /// What a poll remembers (the tip last seen), to be put back with [`Self::restore`].
+    pub fn memory(&self) -> Option<git2::Oid> {
+        self.last_tip
+    }
+
+    pub fn restore(&mut self, memory: Option<git2::Oid>) {
+        self.last_tip = memory;
+    }
+
     pub async fn poll(&mut self) -> Result<Polled, ChannelError> {
         // The shortcut for an idle poll: ask where the one branch points (protocol v2), and
         // skip the fetch, whose ref advertisement lists every ref of the remote, when it has

@@ -17,8 +17,11 @@ pub struct HttpChannel {
     client: reqwest::Client,
     timeout: Duration,
     /// ETag and Last-Modified of the document last fetched.
-    validators: Option<(Option<HeaderValue>, Option<HeaderValue>)>,
+    validators: Validators,
 }
+
+/// ETag and Last-Modified of the document last fetched, if any.
+pub type Validators = Option<(Option<HeaderValue>, Option<HeaderValue>)>;
 
 impl HttpChannel {
     pub fn new(
@@ -54,6 +57,15 @@ impl HttpChannel {
 
     pub fn forget(&mut self) {
         self.validators = None;
+    }
+
+    /// What a poll remembers (the document's validators), to be put back with [`Self::restore`].
+    pub fn memory(&self) -> Validators {
+        self.validators.clone()
+    }
+
+    pub fn restore(&mut self, memory: Validators) {
+        self.validators = memory;
     }
 
     async fn get(

@@ -142,13 +142,29 @@ impl Channel {
         }
     }
 
-    /// Whether the channel can still be reached (a health check): a full poll that must not
-    /// fail. What it saw is forgotten, so a release published during the health window is
-    /// still news to the next real poll.
+    /// Whether the channel can still be reached (a health check): a poll that must not fail.
+    /// The channel's memory is put back afterwards, so a release published during the health
+    /// window is still news to the next real poll.
     pub async fn reachable(&mut self) -> Result<(), ChannelError> {
-        let result = self.poll().await.map(drop);
-        self.forget();
-        result
+        match &mut self.kind {
+            Kind::Directory(_) => self.poll().await.map(drop),
+            Kind::Http(c) => {
+                let memory = c.memory();
+                let result = self.poll().await.map(drop);
+                if let Kind::Http(c) = &mut self.kind {
+                    c.restore(memory);
+                }
+                result
+            }
+            Kind::Git(c) => {
+                let memory = c.memory();
+                let result = self.poll().await.map(drop);
+                if let Kind::Git(c) = &mut self.kind {
+                    c.restore(memory);
+                }
+                result
+            }
+        }
     }
 }
 

@@ -44,6 +44,7 @@ pub fn run(path: &Path, json: bool) -> u8 {
             "state": state,
             "next_poll": runtime.as_ref().and_then(|r| r.next_poll),
             "running_pid": runtime.as_ref().map(|r| r.pid),
+            "last_outcome": runtime.as_ref().and_then(|r| r.last_outcome.clone()),
         });
         println!(
             "{}",

@@ -20,9 +20,6 @@ impl Agent {
         });
         self.state.attempts = None;
         self.record_error(code, reason, Some(serial));
-        if let Err(e) = self.save() {
-            log::error!("{e}");
-        }
     }
 
     fn gc_root(&self, name: &str) -> std::path::PathBuf {
@@ -256,7 +253,6 @@ impl Agent {
         let Some(last_good) = self.state.last_good.clone() else {
             let message = format!("{reason}; and there is no last good system to go back to");
             self.record_error("rollback_failed", &message, Some(serial));
-            let _ = self.save();
             return Outcome::RollbackFailed { message };
         };
         if let Err(e) = self.activator.switch(&last_good, Action::Test).await {
@@ -266,7 +262,6 @@ impl Agent {
             );
             log::error!(code = "rollback_failed", store_path = last_good.as_str(); "{message}");
             self.record_error("rollback_failed", &message, Some(serial));
-            let _ = self.save();
             return Outcome::RollbackFailed { message };
         }
         failpoint::hit("after-rollback-switch");

@@ -177,6 +177,8 @@ impl Agent {
         self.state_file.save(&self.state)
     }
 
+    /// Records the last error and saves the state (a failed save is logged: the error is
+    /// already being reported).
     pub(crate) fn record_error(&mut self, code: &str, message: &str, serial: Option<u64>) {
         self.state.last_error = Some(LastError {
             code: code.to_owned(),
@@ -184,15 +186,15 @@ impl Agent {
             at: unix_now(),
             serial,
         });
+        if let Err(e) = self.save() {
+            log::error!("{e}");
+        }
     }
 
     /// Records a failure that happened before the system was touched.
     fn fail(&mut self, code: &str, message: String, serial: Option<u64>) -> Outcome {
         log::error!(code = code; "{message}");
         self.record_error(code, &message, serial);
-        if let Err(e) = self.save() {
-            log::error!("{e}");
-        }
         Outcome::Failed {
             code: code.to_owned(),
             message,
@@ -275,9 +277,6 @@ impl Agent {
     fn refuse(&mut self, code: &str, message: String, serial: Option<u64>) -> Outcome {
         log::warn!(code = code; "{message}");
         self.record_error(code, &message, serial);
-        if let Err(e) = self.save() {
-            log::error!("{e}");
-        }
         Outcome::Refused {
             code: code.to_owned(),
             message,

@@ -11,7 +11,7 @@
 //! 5. write the document with the next serial, sign it with every key, verify it as a host
 //!    would, and publish it to every channel.
 
-use super::{now, rfc3339, verify::trust_policy};
+use super::{now, rfc3339, SigningArgs};
 use crate::channel::{Channel, Published};
 use crate::config::{Loaded, RawHost};
 use crate::{keyfile, nix};
@@ -41,16 +41,8 @@ pub struct Args {
     /// The fleet name the release is for (default: from the config).
     #[arg(long)]
     fleet: Option<String>,
-    /// A secret release key to sign with; repeat for several (default: keys from the config).
-    #[arg(long = "key")]
-    keys: Vec<PathBuf>,
-    /// A public key hosts trust, to check the current release; repeat for several
-    /// (default: trusted_keys from the config, else the public halves of the signing keys).
-    #[arg(long = "trusted-key")]
-    trusted_keys: Vec<String>,
-    /// How many trusted keys hosts require (default: from the config, else 1).
-    #[arg(long)]
-    threshold: Option<usize>,
+    #[command(flatten)]
+    signing: SigningArgs,
     /// The binary cache to copy closures to (anything `nix copy --to` takes).
     #[arg(long)]
     cache: Option<String>,
@@ -122,12 +114,7 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
             }
         },
     );
-    let keys = config.signing_keys(&args.keys)?;
-    let mut trusted = args.trusted_keys.clone();
-    if trusted.is_empty() && config.raw.trusted_keys.is_empty() {
-        trusted = keys.iter().map(|k| k.public().to_string()).collect();
-    }
-    let trust = trust_policy(&trusted, args.threshold, &config)?;
+    let (keys, trust) = args.signing.resolve(&config)?;
     let signing_trusted = keys
         .iter()
         .filter(|k| trust.keys().contains(&k.public()))

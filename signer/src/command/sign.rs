@@ -1,7 +1,7 @@
 //! `fleet-sign sign`: add your signature to the release a channel holds, for fleets whose hosts
 //! need signatures from several key holders (a `--cosign` release).
 
-use super::{now, verify::trust_policy};
+use super::{now, SigningArgs};
 use crate::channel::Published;
 use crate::config::Loaded;
 use anyhow::{Context as _, Result};
@@ -17,16 +17,8 @@ pub struct Args {
     /// written, and all must hold the same document (default: channels from the config).
     #[arg(long = "channel")]
     channels: Vec<String>,
-    /// A secret key to sign with; repeat for several (default: keys from the config).
-    #[arg(long = "key")]
-    keys: Vec<PathBuf>,
-    /// Public keys hosts trust, to report how far the release is from their threshold
-    /// (default: trusted_keys from the config, else the public halves of the signing keys).
-    #[arg(long = "trusted-key")]
-    trusted_keys: Vec<String>,
-    /// How many trusted keys hosts require (default: from the config, else 1).
-    #[arg(long)]
-    threshold: Option<usize>,
+    #[command(flatten)]
+    signing: SigningArgs,
     /// The fleet the release must be for (default: from the config).
     #[arg(long)]
     fleet: Option<String>,
@@ -37,7 +29,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let config = Loaded::load(args.config.as_deref())?;
-    let keys = config.signing_keys(&args.keys)?;
+    let (keys, trust) = args.signing.resolve(&config)?;
     let channels = config.channels(&args.channels)?;
     let Some(first) = channels.first() else {
         return Err(crate::usage(
@@ -114,11 +106,6 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     // Where the release stands now, as hosts will see it.
-    let mut trusted = args.trusted_keys.clone();
-    if trusted.is_empty() && config.raw.trusted_keys.is_empty() {
-        trusted = keys.iter().map(|k| k.public().to_string()).collect();
-    }
-    let trust = trust_policy(&trusted, args.threshold, &config)?;
     let context = VerifyContext {
         fleet: document.fleet.clone(),
         now: now(),

@@ -19,6 +19,7 @@
 //! ```
 
 use crate::release::{is_valid_name, PublicKey, TrustPolicy};
+use crate::report::ReportSettings;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -81,9 +82,45 @@ pub struct RawConfig {
     /// Health checks after the trial switch.
     #[serde(default)]
     pub health: RawHealth,
+    /// Reports to the collector.
+    #[serde(default)]
+    pub report: RawReport,
     /// Fixed paths of a NixOS host; tests point them elsewhere to run many hosts on one machine.
     #[serde(default)]
     pub paths: RawPaths,
+}
+
+/// `[report]`: where this host's signed reports go. Without `url`, no reports are sent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReport {
+    /// The collector's base URL (`fleet-sign collect`), http or https.
+    pub url: Option<String>,
+    /// Longest silence before the agent repeats its state as a heartbeat; default 5m.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Longest one delivery may take; default 10s.
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Most reports kept while the collector cannot be reached (the oldest go first); default
+    /// 256.
+    #[serde(default = "default_queue_limit")]
+    pub queue_limit: usize,
+}
+
+impl Default for RawReport {
+    fn default() -> Self {
+        Self {
+            url: None,
+            heartbeat: default_poll_interval(),
+            timeout: default_check_timeout(),
+            queue_limit: default_queue_limit(),
+        }
+    }
+}
+
+fn default_queue_limit() -> usize {
+    256
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -483,6 +520,7 @@ pub struct Config {
     pub store: Option<String>,
     pub store_root: PathBuf,
     pub metrics_dir: Option<PathBuf>,
+    pub report: Option<ReportSettings>,
 }
 
 /// A config file that cannot be used, with every problem found.
@@ -601,6 +639,33 @@ impl Config {
                 problems.push(format!("{name} '{}' must be absolute", path.display()));
             }
         }
+        let report = match &raw.report.url {
+            None => None,
+            Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                Some(ReportSettings {
+                    url: url.trim_end_matches('/').to_owned(),
+                    heartbeat: raw.report.heartbeat,
+                    timeout: raw.report.timeout,
+                    queue_limit: raw.report.queue_limit,
+                })
+            }
+            Some(url) => {
+                problems.push(format!("report.url '{url}' is not an http(s) URL"));
+                None
+            }
+        };
+        if raw.report.heartbeat < Duration::from_secs(1) || raw.report.timeout.is_zero() {
+            problems.push("report.heartbeat must be at least 1s and report.timeout above 0".into());
+        }
+        if raw.report.queue_limit == 0 {
+            problems.push("report.queue_limit must be at least 1".into());
+        }
+        if let Some(dir) = raw.paths.metrics_dir.as_ref().filter(|d| !d.is_absolute()) {
+            problems.push(format!(
+                "paths.metrics_dir '{}' must be absolute",
+                dir.display()
+            ));
+        }
         let (Some(trust), Some(channel), true) = (trust, channel, problems.is_empty()) else {
             return Err(problems);
         };
@@ -635,6 +700,7 @@ impl Config {
             store: raw.paths.store,
             store_root: raw.paths.store_root,
             metrics_dir: raw.paths.metrics_dir,
+            report,
         })
     }
 

@@ -63,6 +63,9 @@ enum Command {
         /// The file to check (default: --config).
         file: Option<PathBuf>,
     },
+    /// Print this host's report key (made on first use), to list as its report_key in
+    /// fleet.toml.
+    Identity,
     /// Move a corrupt state file aside and start over from the running system.
     ResetState,
 }
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => {
             command::check_config::run(file.as_deref().unwrap_or(&cli.config))
         }
+        Command::Identity => command::identity::run(&cli.config),
         Command::ResetState => command::status::reset(&cli.config),
     };
     ExitCode::from(code)

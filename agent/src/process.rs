@@ -67,6 +67,17 @@ pub fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// An error with its sources: "cannot connect: connection refused".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text += &format!(": {e}");
+        source = e.source();
+    }
+    text
+}
+
 /// Renders a command line for logs and errors.
 pub fn command_line(command: &Command) -> String {
     std_command_line(command.as_std())

@@ -107,6 +107,9 @@ pub struct State {
     pub last_success: Option<u64>,
     /// The committed system changes the kernel, initrd or modules: it takes a reboot to run.
     pub reboot_needed: bool,
+    /// The serial of the release the committed system came from (unknown on a fresh host).
+    #[serde(default)]
+    pub committed_serial: Option<u64>,
 }
 
 impl State {
@@ -123,6 +126,7 @@ impl State {
             last_error: None,
             last_success: None,
             reboot_needed: false,
+            committed_serial: None,
         }
     }
 }

@@ -140,18 +140,11 @@ fn http_error(url: &str, error: reqwest::Error, after: Duration) -> ChannelError
             after,
         }
     } else {
-        ChannelError::Http(format!("cannot fetch {url}: {}", error_chain(&error)))
+        ChannelError::Http(format!(
+            "cannot fetch {url}: {}",
+            crate::process::error_chain(&error)
+        ))
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text += &format!(": {e}");
-        source = e.source();
-    }
-    text
 }
 
 /// Reads a body chunk by chunk, stopping as soon as it passes `limit`.

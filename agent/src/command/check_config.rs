@@ -46,6 +46,18 @@ pub fn run(path: &Path) -> u8 {
             ""
         },
     );
+    match &config.report {
+        Some(report) => println!(
+            "  reports to {} (heartbeat every {}, up to {} queued)",
+            report.url,
+            humantime::format_duration(report.heartbeat),
+            report.queue_limit
+        ),
+        None => println!("  sends no reports (no [report] url)"),
+    }
+    if let Some(dir) = &config.metrics_dir {
+        println!("  metrics in {}", dir.display());
+    }
     println!("  state in {}", config.state_dir.display());
     0
 }

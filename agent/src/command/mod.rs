@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod check_config;
+pub mod identity;
 pub mod once;
 pub mod poll_now;
 pub mod run;

@@ -22,6 +22,14 @@ pub fn run(path: &Path, json: bool) -> u8 {
         let signals = super::run::cancel_on_signals(cancel.clone());
         let outcome = agent.cycle().await;
         signals.abort();
+        // One delivery attempt; what the collector did not take stays queued for the daemon
+        // (or the next `once`).
+        if let Some(reporter) = agent.reporter() {
+            match reporter.deliver().await {
+                Ok(n) => log::debug!("delivered {n} reports"),
+                Err(e) => log::warn!(code = "collector_unreachable"; "reports stay queued: {e}"),
+            }
+        }
         outcome
     });
     print_outcome(&outcome, json);

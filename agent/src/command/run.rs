@@ -5,6 +5,7 @@
 use super::{load_config, runtime};
 use fleet_agent::config::Config;
 use fleet_agent::cycle::{Agent, Outcome};
+use fleet_agent::report::Event;
 use fleet_agent::state::Runtime;
 use std::path::Path;
 use std::time::Duration;
@@ -101,6 +102,10 @@ async fn daemon(config: Config) -> u8 {
         config.fleet,
         config.channel
     );
+    agent.publish(Event::Start);
+    let sender = agent
+        .reporter()
+        .map(|reporter| tokio::spawn(reporter.run(cancel.clone())));
     // A fleet that boots together (a power cut ends) must not poll in lockstep.
     let splay_ms = config.poll_splay.as_millis().min(u64::MAX as u128) as u64;
     if splay_ms > 0 {
@@ -145,6 +150,9 @@ async fn daemon(config: Config) -> u8 {
         }
     }
     let _ = std::fs::remove_file(Runtime::path(&state_dir));
+    if let Some(sender) = sender {
+        sender.abort();
+    }
     log::info!("fleet-agent stopped");
     0
 }

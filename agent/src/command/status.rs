@@ -2,6 +2,7 @@
 
 use super::load_config;
 use fleet_agent::nix::resolve_link;
+use fleet_agent::report::queue::Queue;
 use fleet_agent::state::{Phase, Runtime, StateFile};
 use std::path::Path;
 
@@ -32,8 +33,15 @@ pub fn run(path: &Path, json: bool) -> u8 {
         | Phase::Committing { toplevel, .. }
         | Phase::RollingBack { toplevel, .. } => Some(toplevel.clone()),
     });
+    let queued = config.report.as_ref().map(|settings| {
+        Queue::new(&config.state_dir, settings.queue_limit)
+            .counters()
+            .map_or(0, |c| c.len())
+    });
     if json {
         let out = serde_json::json!({
+            "collector": config.report.as_ref().map(|r| r.url.clone()),
+            "reports_queued": queued,
             "host": config.host,
             "fleet": config.fleet,
             "safe_mode": safe_mode,
@@ -98,6 +106,10 @@ pub fn run(path: &Path, json: bool) -> u8 {
     match runtime.and_then(|r| r.next_poll) {
         Some(at) => println!("  next poll  {}", time(at)),
         None => println!("  next poll  (agent not running)"),
+    }
+    match (&config.report, queued) {
+        (Some(report), Some(n)) => println!("  reports    to {}, {n} queued", report.url),
+        _ => println!("  reports    none (no [report] url)"),
     }
     if safe_mode.is_some() {
         5

@@ -9,6 +9,7 @@ use crate::health::{failed_units, Health};
 use crate::nix::NixError;
 use crate::release::VerifiedRelease;
 use crate::state::{Attempts, BadRelease, Phase};
+use std::time::Instant;
 
 impl Agent {
     pub(crate) fn mark_bad(&mut self, serial: u64, toplevel: &str, code: &str, reason: &str) {
@@ -48,7 +49,11 @@ impl Agent {
         if let Err(e) = self.transition(phase) {
             return self.fail("state_write", e.to_string(), Some(serial));
         }
-        if let Err(e) = self.realise(verified, toplevel).await {
+        self.durations.steps.clear();
+        let started = Instant::now();
+        let realised = self.realise(verified, toplevel).await;
+        self.durations.record("realise", started);
+        if let Err(e) = realised {
             let _ = self.transition(Phase::Idle);
             let message = format!("cannot realise release {serial}: {e}");
             if matches!(
@@ -135,7 +140,10 @@ impl Agent {
         if let Err(e) = self.transition(phase) {
             return self.fail("state_write", e.to_string(), Some(serial));
         }
-        if let Err(e) = self.activator.switch(toplevel, Action::Test).await {
+        let started = Instant::now();
+        let switched = self.activator.switch(toplevel, Action::Test).await;
+        self.durations.record("switch", started);
+        if let Err(e) = switched {
             let reason = format!("switch-to-configuration test of release {serial} failed: {e}");
             return self
                 .rollback(serial, toplevel, "switch_failed", &reason)
@@ -156,7 +164,10 @@ impl Agent {
             config: &self.config,
             failed_before,
         };
+        let started = Instant::now();
         let verdict = health.window(&mut self.channel, &self.cancel).await;
+        self.durations.record("health", started);
+        self.last_health = verdict.results.clone();
         if verdict.cancelled {
             let reason =
                 format!("the agent was stopped during the health window of release {serial}");
@@ -170,7 +181,10 @@ impl Agent {
                 .rollback(serial, toplevel, "health_failed", &reason)
                 .await;
         }
-        self.commit(serial, toplevel).await
+        let started = Instant::now();
+        let outcome = self.commit(serial, toplevel).await;
+        self.durations.record("commit", started);
+        outcome
     }
 
     /// Sets the profile and the boot default to the healthy candidate.
@@ -215,6 +229,7 @@ impl Agent {
             );
         }
         self.state.last_good = Some(toplevel.to_owned());
+        self.state.committed_serial = Some(serial);
         self.state.last_success = Some(unix_now());
         self.state.reboot_needed = reboot_needed;
         self.state.attempts = None;

@@ -13,10 +13,17 @@ mod tests;
 use crate::activate::Activator;
 use crate::channel::{Channel, ChannelError, Fetched, Polled};
 use crate::config::Config;
+use crate::health::CheckResult;
+use crate::identity;
+use crate::metrics::{self, Durations};
 use crate::nix::{resolve_link, Nix};
+use crate::release::StorePath;
 use crate::release::{self, Accepted, Digest, VerifiedRelease, VerifyContext, VerifyError};
+use crate::report::wire::{clip, MAX_CHECKS, MAX_DETAIL, MAX_MESSAGE, REPORT_FORMAT};
+use crate::report::{Event, Report, ReportError, Reporter};
 use crate::state::{AcceptedRelease, LastError, Phase, State, StateError, StateFile};
 use serde::Serialize;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// How one cycle ended.
@@ -52,6 +59,37 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome's name, as in its JSON form.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::NoRelease => "no-release",
+            Self::UpToDate { .. } => "up-to-date",
+            Self::Refused { .. } => "refused",
+            Self::KnownBad { .. } => "known-bad",
+            Self::Waiting { .. } => "waiting",
+            Self::Committed { .. } => "committed",
+            Self::RolledBack { .. } => "rolled-back",
+            Self::Failed { .. } => "failed",
+            Self::RollbackFailed { .. } => "rollback-failed",
+        }
+    }
+
+    /// What makes two outcomes the same news: name, release and reason code.
+    fn news(&self) -> String {
+        match self {
+            Self::UpToDate { serial } => format!("up-to-date {serial:?}"),
+            Self::KnownBad { serial } | Self::Waiting { serial, .. } => {
+                format!("{} {serial}", self.name())
+            }
+            Self::Committed { serial, .. } => format!("committed {serial}"),
+            Self::RolledBack { serial, code, .. } => format!("rolled-back {serial} {code}"),
+            Self::Refused { code, .. } | Self::Failed { code, .. } => {
+                format!("{} {code}", self.name())
+            }
+            Self::NoRelease | Self::RollbackFailed { .. } => self.name().to_owned(),
+        }
+    }
+
     /// The exit code of `fleet-agent once` (docs/fleet-agent.md).
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -102,6 +140,14 @@ pub struct Agent {
     /// is judged again without re-checking signatures over the same bytes: a pending release
     /// may now be due or retried, an accepted one may have expired.
     last_verdict: Option<Result<VerifiedRelease, VerifyError>>,
+    /// Signs and queues reports for the collector, when one is configured.
+    reporter: Option<Arc<Reporter>>,
+    /// The last health window's results.
+    pub(crate) last_health: Vec<CheckResult>,
+    /// How long the steps of the last deploy took.
+    pub(crate) durations: Durations,
+    /// The last cycle's outcome name, and what made it news (see [`Outcome::news`]).
+    last_outcome: Option<(&'static str, String)>,
 }
 
 /// Why the agent cannot start.
@@ -132,6 +178,19 @@ impl Agent {
             }
         };
         let channel = Channel::new(&config)?;
+        let reporter = config.report.as_ref().and_then(|settings| {
+            let made = identity::load_or_create(&config.state_dir, &config.host)
+                .map_err(|e| e.to_string())
+                .and_then(|key| Reporter::new(settings, key, &config.state_dir));
+            match made {
+                Ok(reporter) => Some(Arc::new(reporter)),
+                Err(e) => {
+                    // Deploys go on without reports; the journal says why.
+                    log::error!(code = "report_setup"; "no reports will be sent: {e}");
+                    None
+                }
+            }
+        });
         Ok(Self {
             nix: Nix::new(&config),
             activator: Activator::new(&config),
@@ -141,11 +200,87 @@ impl Agent {
             config,
             cancel,
             last_verdict: None,
+            reporter,
+            last_health: Vec::new(),
+            durations: Durations::default(),
+            last_outcome: None,
         })
     }
 
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// The reporter, for the task that delivers reports.
+    pub fn reporter(&self) -> Option<Arc<Reporter>> {
+        self.reporter.clone()
+    }
+
+    /// The host's state as a report (without counter and time: the reporter sets those).
+    pub fn snapshot(&self, event: Event) -> Report {
+        let (target, candidate) = match &self.state.phase {
+            Phase::Idle => (None, None),
+            Phase::Realising { serial, toplevel }
+            | Phase::Trial { serial, toplevel }
+            | Phase::Health { serial, toplevel }
+            | Phase::Committing { serial, toplevel }
+            | Phase::RollingBack {
+                serial, toplevel, ..
+            } => (Some(*serial), Some(toplevel.clone())),
+        };
+        let store_path = |path: Option<String>| path.filter(|p| StorePath::parse(p).is_ok());
+        Report {
+            format: REPORT_FORMAT,
+            fleet: self.config.fleet.clone(),
+            host: self.config.host.clone(),
+            counter: 0,
+            time: unix_now(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            event,
+            phase: self.state.phase.name().to_owned(),
+            target,
+            committed: self.state.committed_serial,
+            accepted: self.state.accepted.as_ref().map(|a| a.serial),
+            outcome: self
+                .last_outcome
+                .as_ref()
+                .map(|(name, _)| (*name).to_owned()),
+            error: self.state.last_error.as_ref().map(|e| ReportError {
+                code: e.code.clone(),
+                message: clip(&e.message, MAX_MESSAGE),
+                at: e.at,
+            }),
+            current: store_path(resolve_link(&self.config.current_system)),
+            candidate: store_path(candidate),
+            last_good: store_path(self.state.last_good.clone()),
+            health: self
+                .last_health
+                .iter()
+                .take(MAX_CHECKS)
+                .map(|c| CheckResult {
+                    name: clip(&c.name, MAX_DETAIL),
+                    detail: clip(&c.detail, MAX_DETAIL),
+                    ..c.clone()
+                })
+                .collect(),
+            reboot_needed: self.state.reboot_needed,
+            last_success: self.state.last_success,
+        }
+    }
+
+    /// Tells the world the host's state: queues a report and rewrites the metrics file.
+    pub fn publish(&self, event: Event) {
+        let report = self.snapshot(event);
+        let queued = self.reporter.as_ref().map(|reporter| {
+            reporter.push(report.clone());
+            reporter.queue().counters().map_or(0, |c| c.len())
+        });
+        if let Some(dir) = &self.config.metrics_dir {
+            let text = metrics::render(&report, &self.durations, queued);
+            if let Err(e) = metrics::write(dir, &text) {
+                log::warn!("cannot write metrics to {}: {e}", dir.display());
+            }
+        }
     }
 
     /// Moves to `phase` and saves; logs one line per transition.
@@ -170,7 +305,9 @@ impl Agent {
             serial.map(|s| format!(" (release {s})")).unwrap_or_default()
         );
         self.state.phase = phase;
-        self.save()
+        let saved = self.save();
+        self.publish(Event::Phase);
+        saved
     }
 
     pub(crate) fn save(&mut self) -> Result<(), StateError> {
@@ -201,8 +338,23 @@ impl Agent {
         }
     }
 
-    /// One full cycle: poll, verify, and apply a new release if there is one.
+    /// One full cycle: poll, verify, and apply a new release if there is one. Reports the
+    /// outcome when it is news.
     pub async fn cycle(&mut self) -> Outcome {
+        let outcome = self.cycle_inner().await;
+        let news = outcome.news();
+        let is_news = self
+            .last_outcome
+            .as_ref()
+            .is_none_or(|(_, last)| *last != news);
+        self.last_outcome = Some((outcome.name(), news));
+        if is_news {
+            self.publish(Event::Outcome);
+        }
+        outcome
+    }
+
+    async fn cycle_inner(&mut self) -> Outcome {
         if let Some(outcome) = self.resume().await {
             if matches!(outcome, Outcome::RollbackFailed { .. }) {
                 return outcome;

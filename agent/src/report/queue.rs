@@ -1,0 +1,182 @@
+//! The on-disk report queue: signed reports wait here until the collector took them.
+//!
+//! ```text
+//! <state_dir>/reports/counter                  the highest counter ever given out
+//! <state_dir>/reports/00001790000000000001     one signed report: signature line, then body
+//! ```
+//!
+//! Every file is written whole (temporary file, fsync, rename, fsync of the directory), so a
+//! power cut leaves each report either queued or not, never half. Counters rise across restarts:
+//! the next one is above both the counter file and the current time in microseconds, so even a
+//! state directory restored from a backup does not reuse old counters. The queue holds at most
+//! `limit` reports; when full, the oldest goes, since every report carries the host's whole state
+//! and the newest always wins.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+/// The queue's directory in the state directory.
+pub const QUEUE_DIR: &str = "reports";
+const COUNTER_FILE: &str = "counter";
+
+/// A queued report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub counter: u64,
+    pub signature: String,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct Queue {
+    dir: PathBuf,
+    limit: usize,
+}
+
+impl Queue {
+    pub fn new(state_dir: &Path, limit: usize) -> Self {
+        Self {
+            dir: state_dir.join(QUEUE_DIR),
+            limit: limit.max(1),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The next counter, recorded before it is used so it is never given out twice.
+    pub fn next_counter(&self) -> std::io::Result<u64> {
+        let last = std::fs::read_to_string(self.dir.join(COUNTER_FILE))
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let queued = self.counters()?.last().copied().unwrap_or(0);
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros().min(u64::MAX as u128) as u64);
+        let next = last.max(queued).saturating_add(1).max(micros);
+        self.write_atomically(COUNTER_FILE, format!("{next}\n").as_bytes())?;
+        Ok(next)
+    }
+
+    /// Queues a signed report, dropping the oldest beyond the limit.
+    pub fn push(&self, counter: u64, signature: &str, body: &[u8]) -> std::io::Result<()> {
+        let mut bytes = Vec::with_capacity(signature.len() + 1 + body.len());
+        bytes.extend_from_slice(signature.as_bytes());
+        bytes.push(b'\n');
+        bytes.extend_from_slice(body);
+        self.write_atomically(&format!("{counter:020}"), &bytes)?;
+        let counters = self.counters()?;
+        for old in &counters[..counters.len().saturating_sub(self.limit)] {
+            log::warn!(
+                "report queue is full ({} reports): dropping report {old}, the oldest",
+                self.limit
+            );
+            let _ = std::fs::remove_file(self.dir.join(format!("{old:020}")));
+        }
+        Ok(())
+    }
+
+    /// The queued reports' counters, oldest first.
+    pub fn counters(&self) -> std::io::Result<Vec<u64>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut counters: Vec<u64> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name();
+                let name = name.to_str()?;
+                (name.len() == 20).then(|| name.parse().ok())?
+            })
+            .collect();
+        counters.sort_unstable();
+        Ok(counters)
+    }
+
+    /// The oldest queued report. A file that does not parse is removed (and logged).
+    pub fn oldest(&self) -> std::io::Result<Option<Queued>> {
+        for counter in self.counters()? {
+            let path = self.dir.join(format!("{counter:020}"));
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let split = bytes.iter().position(|b| *b == b'\n');
+            match split.and_then(|i| Some((std::str::from_utf8(&bytes[..i]).ok()?, i))) {
+                Some((signature, i)) => {
+                    return Ok(Some(Queued {
+                        counter,
+                        signature: signature.to_owned(),
+                        body: bytes[i + 1..].to_vec(),
+                    }))
+                }
+                None => {
+                    log::warn!("dropping unreadable queued report {}", path.display());
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes a report the collector took (or refused for good).
+    pub fn remove(&self, counter: u64) -> std::io::Result<()> {
+        match std::fs::remove_file(self.dir.join(format!("{counter:020}"))) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn write_atomically(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let temp = self.dir.join(format!(".{name}.tmp"));
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, self.dir.join(name))?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_rise_across_reopening_and_emptying() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::new(dir.path(), 8);
+        let a = queue.next_counter().unwrap();
+        queue.push(a, "h:sig", b"{}").unwrap();
+        queue.remove(a).unwrap();
+        let b = Queue::new(dir.path(), 8).next_counter().unwrap();
+        assert!(b > a);
+        // Even with the counter file gone, a queued report keeps the floor.
+        queue.push(u64::MAX - 10, "h:sig", b"{}").unwrap();
+        std::fs::remove_file(queue.dir().join(COUNTER_FILE)).unwrap();
+        assert_eq!(queue.next_counter().unwrap(), u64::MAX - 9);
+    }
+
+    #[test]
+    fn keeps_order_and_drops_the_oldest_beyond_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Queue::new(dir.path(), 3);
+        for counter in [5, 1, 9, 7] {
+            queue
+                .push(counter, "h:sig", format!("{{\"n\":{counter}}}").as_bytes())
+                .unwrap();
+        }
+        assert_eq!(queue.counters().unwrap(), vec![5, 7, 9]);
+        let oldest = queue.oldest().unwrap().unwrap();
+        assert_eq!(oldest.counter, 5);
+        assert_eq!(oldest.signature, "h:sig");
+        assert_eq!(oldest.body, b"{\"n\":5}");
+        queue.remove(5).unwrap();
+        assert_eq!(queue.oldest().unwrap().unwrap().counter, 7);
+    }
+}

@@ -17,6 +17,11 @@
 //! [groups]
 //! routers = ["router1", "router2"]
 //!
+//! [collector]
+//! url = "http://collector.example.org:9400"   # for fleet-sign status
+//! listen = "0.0.0.0:9400"                     # for fleet-sign collect
+//! database = "/var/lib/fleet-collector/fleet.db"
+//!
 //! [hosts.router1]
 //! report_key = "router1:49SIOpjnGSp5r+SsncgIRf6j4OKvy4m67GEJc2oWQ3s="
 //! wave = 0
@@ -65,6 +70,22 @@ pub struct RawConfig {
     /// Per-host settings.
     #[serde(default)]
     pub hosts: BTreeMap<String, RawHost>,
+    /// The collector: where `fleet-sign status` reads and how `fleet-sign collect` runs.
+    pub collector: Option<RawCollector>,
+}
+
+/// `[collector]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCollector {
+    /// The collector's URL, for `fleet-sign status`.
+    pub url: Option<String>,
+    /// Where `fleet-sign collect` listens, host:port.
+    pub listen: Option<String>,
+    /// `fleet-sign collect`'s SQLite database.
+    pub database: Option<PathBuf>,
+    /// The channel `fleet-sign collect` reads host keys from; default: the first of `channels`.
+    pub channel: Option<String>,
 }
 
 /// Settings of one host.

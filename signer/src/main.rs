@@ -10,6 +10,7 @@
 //! | 3 | a release was refused by verification (bad signature, expired, wrong fleet, …) |
 
 mod channel;
+mod collect;
 mod command;
 mod config;
 mod git;
@@ -40,6 +41,8 @@ enum Command {
     Release(command::release::Args),
     Sign(command::sign::Args),
     Verify(command::verify::Args),
+    Collect(command::collect::Args),
+    Status(command::status::Args),
 }
 
 /// A mistake in what the user asked for: exit code 2.
@@ -68,11 +71,14 @@ fn exit_code(error: &anyhow::Error) -> u8 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     process::set_verbose(cli.verbose);
+    fleet_agent::logging::init(cli.verbose);
     let result = match cli.command {
         Command::Keygen(args) => command::keygen::run(args),
         Command::Release(args) => command::release::run(args),
         Command::Sign(args) => command::sign::run(args),
         Command::Verify(args) => command::verify::run(args),
+        Command::Collect(args) => command::collect::run(args),
+        Command::Status(args) => command::status::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,4 +7,5 @@ mod crash;
 mod nix_files;
 mod refusals;
 mod release;
+mod report;
 mod rollback;

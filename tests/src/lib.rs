@@ -6,6 +6,7 @@
 //! only through the environment [`nix_env`] gives every child, so the machine's own Nix
 //! configuration does not matter.
 
+pub mod collector;
 pub mod fixture;
 pub mod git;
 pub mod host;

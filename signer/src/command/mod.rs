@@ -1,8 +1,10 @@
 //! One module per subcommand.
 
+pub mod collect;
 pub mod keygen;
 pub mod release;
 pub mod sign;
+pub mod status;
 pub mod verify;
 
 use crate::config::Loaded;

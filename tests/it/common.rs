@@ -38,6 +38,11 @@ pub struct Fleet {
 
 impl Fleet {
     pub fn new(hosts: &[&str]) -> Self {
+        Self::new_on(hosts, "127.0.0.1")
+    }
+
+    /// A fleet whose cache and HTTP channel listen on `ip` (a test namespace's link address).
+    pub fn new_on(hosts: &[&str], ip: &str) -> Self {
         let dir = TestDir::new();
         let fleet = FixtureFleet::new(dir.join("fleet"), hosts);
         let release_key = dir.join("ops1.sec");
@@ -51,8 +56,8 @@ impl Fleet {
         std::fs::create_dir_all(&cache_dir).unwrap();
         std::fs::create_dir_all(&channel_dir).unwrap();
         Self {
-            cache_server: HttpServer::serve(&cache_dir),
-            www: HttpServer::serve(&channel_dir),
+            cache_server: HttpServer::serve_on(&cache_dir, ip),
+            www: HttpServer::serve_on(&channel_dir, ip),
             git_daemon: GitDaemon::serve(&dir.join("remotes")),
             cache_dir,
             channel_dir,

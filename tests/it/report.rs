@@ -4,16 +4,21 @@
 use crate::common::{Channel, Fleet};
 use fleet_tests::collector::{report, test_key, Collector, PaperFleet};
 use fleet_tests::host::SimHost;
+use fleet_tests::netns::NatNetwork;
 use fleet_tests::{command, free_port, run, wait_until};
 use std::path::{Path, PathBuf};
 
 /// A fleet whose hosts made their identities, with a fleet.toml listing their report keys.
 fn reporting_fleet(names: &[&str]) -> (Fleet, Vec<SimHost>, PathBuf) {
-    let mut fleet = Fleet::new(names);
-    let hosts: Vec<SimHost> = names
-        .iter()
-        .map(|n| fleet.host(n, Channel::Directory))
-        .collect();
+    reporting_fleet_with(Fleet::new(names), names, Channel::Directory)
+}
+
+fn reporting_fleet_with(
+    mut fleet: Fleet,
+    names: &[&str],
+    channel: Channel,
+) -> (Fleet, Vec<SimHost>, PathBuf) {
+    let hosts: Vec<SimHost> = names.iter().map(|n| fleet.host(n, channel)).collect();
     let mut toml = String::new();
     for host in &hosts {
         let key = run(host.agent(&["identity"])).ok().stdout.trim().to_owned();
@@ -41,8 +46,18 @@ fn release(fleet: &mut Fleet, config: &Path, names: &[&str], version: &str, bad:
 
 /// Points a host at the collector (and a metrics directory).
 fn report_to(fleet: &Fleet, host: &SimHost, url: &str, extra: &str) -> PathBuf {
+    report_to_with(fleet, host, Channel::Directory, url, extra)
+}
+
+fn report_to_with(
+    fleet: &Fleet,
+    host: &SimHost,
+    channel: Channel,
+    url: &str,
+    extra: &str,
+) -> PathBuf {
     let keys = [fleet.release_public_key()];
-    let channel = fleet.channel_url(Channel::Directory);
+    let channel = fleet.channel_url(channel);
     let metrics = host.state_dir.parent().unwrap().join("metrics");
     host.write_config(
         &fleet.settings(&keys, 1, &channel),
@@ -567,4 +582,108 @@ fn a_release_with_new_keys_is_adopted_and_an_older_one_is_not() {
     assert_eq!(collector.fleet()["release"]["serial"], 2);
     let (body, signature) = paper.report(0, 501);
     assert_eq!(collector.post(&body, Some(&signature)).0, 403);
+}
+
+#[test]
+fn hosts_behind_nat_reach_channel_cache_and_collector_and_nothing_reaches_them() {
+    let net = NatNetwork::new(2);
+    let names = ["a", "b"];
+    let fleet = Fleet::new_on(&names, &net.server_ip());
+    let (mut fleet, hosts, config) = reporting_fleet_with(fleet, &names, Channel::Http);
+    release(&mut fleet, &config, &names, "2", &[]);
+    let collector = Collector::start_on(
+        &format!("{}:0", net.server_ip()),
+        &fleet.dir.join("collector.db"),
+        &fleet.channel_dir.display().to_string(),
+        &fleet.release_public_key(),
+    );
+    let mut agents = Vec::new();
+    for (i, host) in hosts.iter().enumerate() {
+        report_to_with(&fleet, host, Channel::Http, &collector.url, "");
+        agents.push(fleet_tests::KillOnDrop(
+            host.agent_in_netns(&net.host(i), &["run"]).spawn().unwrap(),
+        ));
+    }
+    let wanted: Vec<String> = names.iter().map(|n| fleet.fleet.build(n)).collect();
+    wait_until("both hosts report the release committed", 90, || {
+        names.iter().zip(&wanted).all(|(name, top)| {
+            let host = collector.host(name);
+            host["health"] == "ok" && host["report"]["last_good"] == top.as_str()
+        })
+    });
+    for (host, top) in hosts.iter().zip(&wanted) {
+        host.assert_on(top);
+    }
+
+    // Everything the hosts asked for came through the router's one WAN address.
+    let router = net.router_wan_ip();
+    for name in names {
+        let peer = collector.host(name)["peer"].as_str().unwrap().to_owned();
+        assert_eq!(peer.split(':').next(), Some(router.as_str()), "{name}");
+    }
+    let peers = |server: &fleet_tests::http::HttpServer| {
+        let mut p: Vec<String> = server.peers().iter().map(ToString::to_string).collect();
+        p.dedup();
+        p
+    };
+    assert_eq!(peers(&fleet.www), [router.clone()]);
+    assert_eq!(peers(&fleet.cache_server), [router.clone()]);
+
+    // The agents listen on nothing.
+    for i in 0..names.len() {
+        assert_eq!(net.listening(i), Vec::<String>::new(), "host {i} listens");
+    }
+    // Nothing from the WAN side reaches a host, even with a route to it and a listener there.
+    let _listener = fleet_tests::KillOnDrop(
+        net.command_in(0, std::path::Path::new("python3"))
+            .args(["-m", "http.server", "--bind", "0.0.0.0", "8000"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let connect = |mut command: std::process::Command| {
+        command
+            .args([
+                "-c",
+                &format!(
+                    "import socket; socket.create_connection(('{}', 8000), timeout=2)",
+                    net.host_ip(0)
+                ),
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    wait_until("the listener is up (seen from the router)", 10, || {
+        connect(net.command_in_router("python3"))
+    });
+    let lan = net.host_ip(0).rsplit_once('.').unwrap().0.to_owned() + ".0/24";
+    let route = |action: &str| {
+        std::process::Command::new("ip")
+            .args(["route", action, &lan, "via", &router])
+            .output()
+            .unwrap()
+    };
+    assert!(route("add").status.success());
+    let reached = connect(std::process::Command::new("python3"));
+    route("del");
+    assert!(
+        !reached,
+        "a connection from the WAN side reached a host behind the NAT"
+    );
+
+    // The operator's view.
+    let mut c = command("fleet-sign");
+    c.args(["status", "--collector", &collector.url]);
+    let table = run(c).ok().stdout.clone();
+    for name in names {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(&format!("{name} ")) && l.contains(" ok ")),
+            "{table}"
+        );
+    }
 }

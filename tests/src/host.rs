@@ -193,6 +193,19 @@ booted_system = "{booted}"
         command
     }
 
+    /// A `fleet-agent` command for this host, run inside network namespace `netns`.
+    pub fn agent_in_netns(&self, netns: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns])
+            .arg(binary("fleet-agent"))
+            .envs(self.env())
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args);
+        command
+    }
+
     /// `fleet-agent once --json`.
     pub fn once(&self) -> Run {
         run(self.agent(&["once", "--json"]))

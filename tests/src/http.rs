@@ -34,6 +34,8 @@ struct Shared {
     cut_file: Mutex<Option<PathBuf>>,
     mode: Mutex<Mode>,
     log: Mutex<Vec<String>>,
+    /// The addresses requests came from.
+    peers: Mutex<Vec<std::net::IpAddr>>,
     /// How many requests were answered 304 Not Modified.
     not_modified: std::sync::atomic::AtomicUsize,
     stop: AtomicBool,
@@ -43,6 +45,7 @@ struct Shared {
 pub struct HttpServer {
     shared: Arc<Shared>,
     server: Arc<tiny_http::Server>,
+    ip: String,
     port: u16,
     thread: Option<JoinHandle<()>>,
 }
@@ -50,13 +53,22 @@ pub struct HttpServer {
 impl HttpServer {
     /// Serves `root` on 127.0.0.1 at a free port.
     pub fn serve(root: &Path) -> Self {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind loopback"));
+        Self::serve_on(root, "127.0.0.1")
+    }
+
+    /// Serves `root` on `ip` (loopback, or an address of a test namespace's link).
+    pub fn serve_on(root: &Path, ip: &str) -> Self {
+        let server = Arc::new(
+            tiny_http::Server::http(format!("{ip}:0"))
+                .unwrap_or_else(|e| panic!("cannot bind {ip}: {e}")),
+        );
         let port = server.server_addr().to_ip().unwrap().port();
         let shared = Arc::new(Shared {
             root: root.to_path_buf(),
             cut_file: Mutex::new(None),
             mode: Mutex::new(Mode::Normal),
             log: Mutex::new(Vec::new()),
+            peers: Mutex::new(Vec::new()),
             not_modified: std::sync::atomic::AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         });
@@ -67,6 +79,9 @@ impl HttpServer {
                     if shared.stop.load(Ordering::Relaxed) {
                         break;
                     }
+                    if let Some(peer) = request.remote_addr() {
+                        shared.peers.lock().unwrap().push(peer.ip());
+                    }
                     let shared = shared.clone();
                     std::thread::spawn(move || respond(&shared, request));
                 }
@@ -75,13 +90,19 @@ impl HttpServer {
         Self {
             shared,
             server,
+            ip: ip.to_owned(),
             port,
             thread: Some(thread),
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.ip, self.port)
+    }
+
+    /// The addresses requests came from, in order.
+    pub fn peers(&self) -> Vec<std::net::IpAddr> {
+        self.shared.peers.lock().unwrap().clone()
     }
 
     pub fn set_mode(&self, mode: Mode) {

@@ -626,8 +626,8 @@ fn hosts_behind_nat_reach_channel_cache_and_collector_and_nothing_reaches_them()
         p.dedup();
         p
     };
-    assert_eq!(peers(&fleet.www), [router.clone()]);
-    assert_eq!(peers(&fleet.cache_server), [router.clone()]);
+    assert_eq!(peers(&fleet.www), std::slice::from_ref(&router));
+    assert_eq!(peers(&fleet.cache_server), std::slice::from_ref(&router));
 
     // The agents listen on nothing.
     for i in 0..names.len() {

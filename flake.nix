@@ -19,7 +19,7 @@
       });
 
       nixosModules.default = {
-        imports = [ ./nixos-module/fleet-agent.nix ];
+        imports = [ ./nixos-module/fleet-agent.nix ./nixos-module/fleet-collector.nix ];
         nixpkgs.overlays = [ self.overlays.default ];
       };
     };

@@ -10,6 +10,7 @@ use std::io::Write as _;
 
 struct StderrLogger {
     level: LevelFilter,
+    program: &'static str,
 }
 
 struct Fields(String);
@@ -56,7 +57,8 @@ impl Log for StderrLogger {
         };
         let _ = writeln!(
             std::io::stderr().lock(),
-            "fleet-agent: {level}: {}{suffix}",
+            "{}: {level}: {}{suffix}",
+            self.program,
             record.args()
         );
     }
@@ -64,8 +66,9 @@ impl Log for StderrLogger {
     fn flush(&self) {}
 }
 
-/// Sets up logging once; `verbose` adds debug lines (every command run).
-pub fn init(verbose: bool) {
+/// Sets up logging once for `program` (its name in the journal and on stderr); `verbose` adds
+/// debug lines (every command run).
+pub fn init(program: &'static str, verbose: bool) {
     let level = if verbose {
         LevelFilter::Debug
     } else {
@@ -73,14 +76,14 @@ pub fn init(verbose: bool) {
     };
     if systemd_journal_logger::connected_to_journal() {
         if let Ok(logger) = systemd_journal_logger::JournalLog::new() {
-            let logger = logger.with_syslog_identifier("fleet-agent".into());
+            let logger = logger.with_syslog_identifier(program.into());
             if logger.install().is_ok() {
                 log::set_max_level(level);
                 return;
             }
         }
     }
-    if log::set_boxed_logger(Box::new(StderrLogger { level })).is_ok() {
+    if log::set_boxed_logger(Box::new(StderrLogger { level, program })).is_ok() {
         log::set_max_level(level);
     }
 }

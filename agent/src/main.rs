@@ -72,7 +72,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    fleet_agent::logging::init(cli.verbose);
+    fleet_agent::logging::init("fleet-agent", cli.verbose);
     let code = match cli.command {
         Command::Run => command::run::run(&cli.config),
         Command::Once { json } => command::once::run(&cli.config, json),

@@ -71,7 +71,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     process::set_verbose(cli.verbose);
-    fleet_agent::logging::init(cli.verbose);
+    fleet_agent::logging::init("fleet-sign", cli.verbose);
     let result = match cli.command {
         Command::Keygen(args) => command::keygen::run(args),
         Command::Release(args) => command::release::run(args),

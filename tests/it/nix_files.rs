@@ -23,7 +23,12 @@ fn every_nix_file_parses() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let mut files = Vec::new();
     nix_files(root, &mut files);
-    for expected in ["flake.nix", "package.nix", "nixos-module/fleet-agent.nix"] {
+    for expected in [
+        "flake.nix",
+        "package.nix",
+        "nixos-module/fleet-agent.nix",
+        "nixos-module/fleet-collector.nix",
+    ] {
         assert!(
             files.contains(&root.join(expected)),
             "{expected} is missing"

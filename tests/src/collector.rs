@@ -10,6 +10,8 @@ use std::time::Duration;
 
 /// A running collector.
 pub struct Collector {
+    /// The `fleet-sign` binary; default: the workspace's test build.
+    program: Option<PathBuf>,
     pub url: String,
     pub listen: String,
     pub database: PathBuf,
@@ -26,7 +28,19 @@ impl Collector {
 
     /// Starts a collector listening on `listen`.
     pub fn start_on(listen: &str, database: &Path, from: &str, key: &str) -> Self {
+        Self::start_program(None, listen, database, from, key)
+    }
+
+    /// Starts `program` (a `fleet-sign` binary, e.g. the release build for benchmarks).
+    pub fn start_program(
+        program: Option<PathBuf>,
+        listen: &str,
+        database: &Path,
+        from: &str,
+        key: &str,
+    ) -> Self {
         let mut collector = Self {
+            program,
             url: String::new(),
             listen: listen.to_owned(),
             database: database.to_owned(),
@@ -40,7 +54,10 @@ impl Collector {
 
     /// Starts the process again (on the same address once it had one).
     pub fn restart(&mut self) {
-        let mut c = command("fleet-sign");
+        let mut c = match &self.program {
+            Some(program) => std::process::Command::new(program),
+            None => command("fleet-sign"),
+        };
         c.args(["collect", "--fleet", "home", "--listen", &self.listen])
             .arg("--database")
             .arg(&self.database)
@@ -60,6 +77,11 @@ impl Collector {
         self.listen = url.trim_start_matches("http://").to_owned();
         self.url = url;
         self.process = Some(KillOnDrop(child));
+    }
+
+    /// The collector's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.0.id())
     }
 
     /// SIGKILL: no shutdown, no flush.

@@ -7,13 +7,16 @@
 //!
 //! Every file is written whole (temporary file, fsync, rename, fsync of the directory), so a
 //! power cut leaves each report either queued or not, never half. Counters rise across restarts:
-//! the next one is above both the counter file and the current time in microseconds, so even a
-//! state directory restored from a backup does not reuse old counters. The queue holds at most
+//! the next one is above every queued report, the counter file (written when the last queued
+//! report leaves the queue, so the highest counter given out is always on disk) and the current
+//! time in microseconds, so even a state directory restored from a backup does not reuse old
+//! counters. The queue holds at most
 //! `limit` reports; when full, the oldest goes, since every report carries the host's whole state
 //! and the newest always wins.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The queue's directory in the state directory.
 pub const QUEUE_DIR: &str = "reports";
@@ -31,6 +34,8 @@ pub struct Queued {
 pub struct Queue {
     dir: PathBuf,
     limit: usize,
+    /// The highest counter given out by this process.
+    last: AtomicU64,
 }
 
 impl Queue {
@@ -38,6 +43,7 @@ impl Queue {
         Self {
             dir: state_dir.join(QUEUE_DIR),
             limit: limit.max(1),
+            last: AtomicU64::new(0),
         }
     }
 
@@ -45,9 +51,9 @@ impl Queue {
         &self.dir
     }
 
-    /// The next counter, recorded before it is used so it is never given out twice.
+    /// The next counter. It reaches the disk with the report that carries it.
     pub fn next_counter(&self) -> std::io::Result<u64> {
-        let last = std::fs::read_to_string(self.dir.join(COUNTER_FILE))
+        let recorded = std::fs::read_to_string(self.dir.join(COUNTER_FILE))
             .ok()
             .and_then(|text| text.trim().parse::<u64>().ok())
             .unwrap_or(0);
@@ -55,8 +61,9 @@ impl Queue {
         let micros = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros().min(u64::MAX as u128) as u64);
-        let next = last.max(queued).saturating_add(1).max(micros);
-        self.write_atomically(COUNTER_FILE, format!("{next}\n").as_bytes())?;
+        let last = self.last.load(Ordering::SeqCst).max(recorded).max(queued);
+        let next = last.saturating_add(1).max(micros);
+        self.last.fetch_max(next, Ordering::SeqCst);
         Ok(next)
     }
 
@@ -124,8 +131,16 @@ impl Queue {
         Ok(None)
     }
 
-    /// Removes a report the collector took (or refused for good).
+    /// Removes a report the collector took (or refused for good). When it is the newest queued
+    /// report, its counter goes to the counter file first: the floor must stay on disk.
     pub fn remove(&self, counter: u64) -> std::io::Result<()> {
+        if self
+            .counters()?
+            .last()
+            .is_none_or(|newest| *newest <= counter)
+        {
+            self.write_atomically(COUNTER_FILE, format!("{counter}\n").as_bytes())?;
+        }
         match std::fs::remove_file(self.dir.join(format!("{counter:020}"))) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -154,12 +169,25 @@ mod tests {
         let a = queue.next_counter().unwrap();
         queue.push(a, "h:sig", b"{}").unwrap();
         queue.remove(a).unwrap();
+        // The queue emptied: its last counter is on disk for the next process.
+        assert_eq!(
+            std::fs::read_to_string(queue.dir().join(COUNTER_FILE)).unwrap(),
+            format!("{a}\n")
+        );
         let b = Queue::new(dir.path(), 8).next_counter().unwrap();
         assert!(b > a);
-        // Even with the counter file gone, a queued report keeps the floor.
+        // A queued report keeps the floor, also for a new process.
         queue.push(u64::MAX - 10, "h:sig", b"{}").unwrap();
-        std::fs::remove_file(queue.dir().join(COUNTER_FILE)).unwrap();
-        assert_eq!(queue.next_counter().unwrap(), u64::MAX - 9);
+        assert_eq!(
+            Queue::new(dir.path(), 8).next_counter().unwrap(),
+            u64::MAX - 9
+        );
+        // A counter written to the file only (the queue emptied long ago) does too.
+        queue.remove(u64::MAX - 10).unwrap();
+        assert_eq!(
+            Queue::new(dir.path(), 8).next_counter().unwrap(),
+            u64::MAX - 9
+        );
     }
 
     #[test]

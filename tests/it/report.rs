@@ -687,3 +687,29 @@ fn hosts_behind_nat_reach_channel_cache_and_collector_and_nothing_reaches_them()
         );
     }
 }
+
+#[test]
+fn a_host_in_safe_mode_says_so_instead_of_falling_silent() {
+    let names = ["a"];
+    let (mut fleet, hosts, config) = reporting_fleet(&names);
+    let host = &hosts[0];
+    let v1 = fleet.fleet.build("a");
+    release(&mut fleet, &config, &names, "2", &[]);
+    let collector = Collector::start(
+        &fleet.dir.join("collector.db"),
+        &fleet.channel_dir.display().to_string(),
+        &fleet.release_public_key(),
+    );
+    report_to(&fleet, host, &collector.url, "");
+    std::fs::create_dir_all(&host.state_dir).unwrap();
+    std::fs::write(host.state_dir.join("state.json"), b"{ not json").unwrap();
+
+    let _agent = fleet_tests::KillOnDrop(host.agent(&["run"]).spawn().unwrap());
+    wait_until("the collector hears about safe mode", 30, || {
+        collector.host("a")["report"]["error"]["code"] == "safe_mode"
+    });
+    let a = collector.host("a");
+    assert_eq!(a["health"], "failing", "{a}");
+    assert_eq!(a["report"]["current"], v1.as_str());
+    host.assert_on(&v1);
+}

@@ -5,7 +5,8 @@
 use super::{load_config, runtime};
 use fleet_agent::config::Config;
 use fleet_agent::cycle::{Agent, Outcome};
-use fleet_agent::report::Event;
+use fleet_agent::identity;
+use fleet_agent::report::{wire, Event, Report, ReportError, Reporter};
 use fleet_agent::state::Runtime;
 use std::path::Path;
 use std::time::Duration;
@@ -27,6 +28,56 @@ pub fn cancel_on_signals(cancel: CancellationToken) -> tokio::task::JoinHandle<(
         }
         cancel.cancel();
     })
+}
+
+/// Tells the collector that this host is in safe mode (it would otherwise just fall silent).
+async fn report_safe_mode(config: &Config, reporter: &mut Option<Reporter>, reason: &str) {
+    let Some(settings) = &config.report else {
+        return;
+    };
+    if reporter.is_none() {
+        let made = identity::load_or_create(&config.state_dir, &config.host)
+            .map_err(|e| e.to_string())
+            .and_then(|key| Reporter::new(settings, key, &config.state_dir));
+        match made {
+            Ok(made) => *reporter = Some(made),
+            Err(e) => {
+                log::error!(code = "report_setup"; "cannot report safe mode: {e}");
+                return;
+            }
+        }
+    }
+    let Some(reporter) = reporter else { return };
+    let now = unix_now();
+    reporter.push(Report {
+        format: wire::REPORT_FORMAT,
+        fleet: config.fleet.clone(),
+        host: config.host.clone(),
+        counter: 0,
+        time: now,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        event: Event::Heartbeat,
+        phase: "idle".into(),
+        target: None,
+        committed: None,
+        accepted: None,
+        outcome: None,
+        error: Some(ReportError {
+            code: "safe_mode".into(),
+            message: wire::clip(reason, wire::MAX_MESSAGE),
+            at: now,
+        }),
+        current: fleet_agent::nix::resolve_link(&config.current_system)
+            .filter(|p| fleet_agent::release::StorePath::parse(p).is_ok()),
+        candidate: None,
+        last_good: None,
+        health: Vec::new(),
+        reboot_needed: false,
+        last_success: None,
+    });
+    if let Err(e) = reporter.deliver().await {
+        log::warn!(code = "collector_unreachable"; "reports stay queued: {e}");
+    }
 }
 
 /// How long to wait before the next poll.
@@ -73,12 +124,14 @@ async fn daemon(config: Config) -> u8 {
     };
     let state_dir = config.state_dir.clone();
     let interval = config.poll_interval;
+    let mut safe_mode_reporter = None;
     let mut agent = loop {
         match Agent::open(config.clone(), cancel.clone()) {
             Ok(agent) => break agent,
             Err(e) => {
                 // Safe mode: apply nothing, keep saying why, until a person resets the state.
                 log::error!(code = "safe_mode"; "{e}");
+                report_safe_mode(&config, &mut safe_mode_reporter, &e.to_string()).await;
                 let runtime = Runtime {
                     pid: std::process::id(),
                     next_poll: Some(unix_now() + interval.as_secs()),

@@ -39,6 +39,19 @@ pub struct Activator {
     use_systemd: bool,
     timeout: Duration,
     store_root: PathBuf,
+    /// Where a transient switch unit writes its result (`<state_dir>/switch`).
+    results: PathBuf,
+}
+
+/// What became of a switch that ran in a transient unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnitResult {
+    /// Still running.
+    Running,
+    /// Ended: `success`, or systemd's result (`exit-code`, `signal`, `timeout`, …) and status.
+    Ended { success: bool, detail: String },
+    /// Neither running nor a result on record: it never started, or the machine went down.
+    Unknown,
 }
 
 impl Activator {
@@ -52,29 +65,89 @@ impl Activator {
             use_systemd,
             timeout: config.switch_timeout,
             store_root: config.store_root.clone(),
+            results: config.state_dir.join("switch"),
         }
+    }
+
+    /// The name of the transient unit a switch will run in, when switches run in units.
+    pub fn unit_name(&self, action: Action, serial: u64) -> Option<String> {
+        self.use_systemd.then(|| {
+            format!(
+                "fleet-agent-switch-{}-{serial}-{}",
+                action.as_str(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
+            )
+        })
+    }
+
+    fn result_file(&self, unit: &str) -> PathBuf {
+        self.results.join(format!("{unit}.result"))
+    }
+
+    /// What became of the switch in `unit`: its recorded result, or whether it still runs.
+    pub async fn unit_result(&self, unit: &str) -> UnitResult {
+        if let Ok(text) = std::fs::read_to_string(self.result_file(unit)) {
+            let text = text.trim().to_owned();
+            return UnitResult::Ended {
+                success: text.split_whitespace().next() == Some("success"),
+                detail: text,
+            };
+        }
+        let mut command = Command::new("systemctl");
+        command.args(["is-active", "--", unit]);
+        // `is-active` exits non-zero for inactive units: read what it printed either way.
+        let state = match command.output().await {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            Err(_) => String::new(),
+        };
+        match state.as_str() {
+            "active" | "activating" | "deactivating" | "reloading" => UnitResult::Running,
+            _ => UnitResult::Unknown,
+        }
+    }
+
+    /// Forgets the recorded results of finished switches.
+    pub fn clear_results(&self) {
+        let _ = std::fs::remove_dir_all(&self.results);
     }
 
     /// Runs `<toplevel>/bin/switch-to-configuration <action>` to completion. It is not
     /// cancelled by shutdown: a switch is a critical section, bounded by its timeout.
     pub async fn switch(&self, toplevel: &str, action: Action) -> Result<(), ProcessError> {
+        let unit = self.unit_name(action, 0);
+        self.switch_in(toplevel, action, unit.as_deref()).await
+    }
+
+    /// Like [`Self::switch`], in the transient unit `unit` when switches run in units (the
+    /// caller records the name first, so a restarted agent can find the switch and its result:
+    /// the unit writes `<state_dir>/switch/<unit>.result` when it ends).
+    pub async fn switch_in(
+        &self,
+        toplevel: &str,
+        action: Action,
+        unit: Option<&str>,
+    ) -> Result<(), ProcessError> {
         let program = self
             .store_root
             .join(toplevel.trim_start_matches('/'))
             .join("bin/switch-to-configuration");
-        let command = if self.use_systemd {
-            let unit = format!(
-                "fleet-agent-switch-{}-{}",
-                action.as_str(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis())
-            );
+        let command = if let (true, Some(unit)) = (self.use_systemd, unit) {
+            let _ = std::fs::create_dir_all(&self.results);
+            let result = self.result_file(unit);
             let mut command = Command::new("systemd-run");
             command
                 .args(["--collect", "--service-type=exec", "--wait", "--quiet"])
                 .arg(format!("--unit={unit}"))
-                .args(["--property=KillMode=mixed", "--"])
+                .arg("--property=KillMode=mixed")
+                // systemd turns "$$" into "$", so the shell reads the variables systemd sets for
+                // ExecStopPost; the result outlives the unit (--collect) and the agent.
+                .arg(format!(
+                    "--property=ExecStopPost=/bin/sh -c 'echo \"$$SERVICE_RESULT $$EXIT_CODE $$EXIT_STATUS\" > {}'",
+                    result.display()
+                ))
+                .arg("--")
                 .arg(&program)
                 .arg(action.as_str());
             command

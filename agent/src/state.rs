@@ -24,9 +24,23 @@ pub enum Phase {
     /// Substituting or building the candidate; the running system is untouched.
     Realising { serial: u64, toplevel: String },
     /// `switch-to-configuration test` of the candidate started: it may be active.
-    Trial { serial: u64, toplevel: String },
+    Trial {
+        serial: u64,
+        toplevel: String,
+        /// The transient unit the switch runs in (systemd hosts), to find it after a restart.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unit: Option<String>,
+        /// Units failed before the trial: the built-in check ignores them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        failed_before: Vec<String>,
+    },
     /// The candidate is active; health checks are running.
-    Health { serial: u64, toplevel: String },
+    Health {
+        serial: u64,
+        toplevel: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        failed_before: Vec<String>,
+    },
     /// The candidate proved healthy; the profile and boot entry are being set.
     Committing { serial: u64, toplevel: String },
     /// Going back to the last good system.

@@ -97,9 +97,12 @@ fn killed_at_each_phase_point_resumes_or_rolls_back() {
         &[
             // Before the trial nothing changed: the restart applies the release.
             ("after-realise", Some(v2s)),
-            // The candidate was active but unproven: roll back, do not retry.
+            // The switch ran as the agent's own child: its result died with the agent, so the
+            // candidate is unproven: roll back, do not retry.
             ("after-trial-switch", Some(v1s)),
-            ("during-health", Some(v1s)),
+            // The switch had succeeded and the candidate is still active: the restarted agent
+            // runs the health window again and commits.
+            ("during-health", Some(v2s)),
             // Proven healthy: the restart finishes the commit.
             ("after-profile-set", Some(v2s)),
             ("after-boot-switch", Some(v2s)),

@@ -133,15 +133,21 @@ impl Agent {
     /// Activates the candidate with `switch-to-configuration test`, then runs the health window.
     async fn trial(&mut self, serial: u64, toplevel: &str) -> Outcome {
         let failed_before = failed_units().await;
+        let unit = self.activator.unit_name(Action::Test, serial);
         let phase = Phase::Trial {
             serial,
             toplevel: toplevel.to_owned(),
+            unit: unit.clone(),
+            failed_before: failed_before.clone(),
         };
         if let Err(e) = self.transition(phase) {
             return self.fail("state_write", e.to_string(), Some(serial));
         }
         let started = Instant::now();
-        let switched = self.activator.switch(toplevel, Action::Test).await;
+        let switched = self
+            .activator
+            .switch_in(toplevel, Action::Test, unit.as_deref())
+            .await;
         self.durations.record("switch", started);
         if let Err(e) = switched {
             let reason = format!("switch-to-configuration test of release {serial} failed: {e}");
@@ -150,9 +156,15 @@ impl Agent {
                 .await;
         }
         failpoint::hit("after-trial-switch");
+        self.check(serial, toplevel, failed_before).await
+    }
+
+    /// The health window over the active candidate, then commit or rollback.
+    async fn check(&mut self, serial: u64, toplevel: &str, failed_before: Vec<String>) -> Outcome {
         let phase = Phase::Health {
             serial,
             toplevel: toplevel.to_owned(),
+            failed_before: failed_before.clone(),
         };
         if let Err(e) = self.transition(phase) {
             log::error!("{e}");
@@ -185,6 +197,104 @@ impl Agent {
         let outcome = self.commit(serial, toplevel).await;
         self.durations.record("commit", started);
         outcome
+    }
+
+    /// After a restart during the trial or the health window: whether the candidate is active
+    /// now, by the running system's link (after a reboot or power cut it is the boot default,
+    /// the last committed system, again).
+    fn candidate_active(&self, toplevel: &str) -> bool {
+        crate::nix::resolve_link(&self.config.current_system).as_deref() == Some(toplevel)
+    }
+
+    /// Counts a resumed trial as an attempt: a candidate that keeps killing the agent must not
+    /// be resumed forever. Returns whether another attempt is allowed.
+    fn resume_attempt(&mut self, serial: u64, toplevel: &str) -> bool {
+        let count = self
+            .state
+            .attempts
+            .as_ref()
+            .filter(|a| a.serial == serial && a.toplevel == toplevel)
+            .map_or(0, |a| a.count)
+            + 1;
+        self.state.attempts = Some(Attempts {
+            serial,
+            toplevel: toplevel.to_owned(),
+            count,
+        });
+        count <= self.config.max_attempts
+    }
+
+    /// Resumes a trial the agent was restarted in: waits for a switch still running in its
+    /// transient unit, then runs the health window when the switch succeeded and the candidate
+    /// is active; rolls back otherwise.
+    async fn resume_trial(
+        &mut self,
+        serial: u64,
+        toplevel: String,
+        unit: Option<String>,
+        failed_before: Vec<String>,
+        in_health: bool,
+    ) -> Outcome {
+        let interrupted =
+            |why: &str| format!("the agent stopped during the trial of release {serial} ({why})");
+        if !self.resume_attempt(serial, &toplevel) {
+            let reason = interrupted("too often: giving up on it");
+            return self
+                .rollback(serial, &toplevel, "interrupted", &reason)
+                .await;
+        }
+        if !in_health {
+            let Some(unit) = unit else {
+                // A direct child died with the agent: its result is lost.
+                let reason = interrupted("killed, crashed or power lost");
+                return self
+                    .rollback(serial, &toplevel, "interrupted", &reason)
+                    .await;
+            };
+            let deadline = Instant::now() + self.config.switch_timeout;
+            let result = loop {
+                match self.activator.unit_result(&unit).await {
+                    crate::activate::UnitResult::Running if Instant::now() < deadline => {
+                        log::info!(serial = serial.to_string().as_str(); "resuming: the switch of release {serial} still runs in {unit}: waiting for it");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                    other => break other,
+                }
+            };
+            match result {
+                crate::activate::UnitResult::Ended { success: true, .. } => {}
+                crate::activate::UnitResult::Ended { detail, .. } => {
+                    let reason = format!(
+                        "switch-to-configuration test of release {serial} failed in {unit}: \
+                         {detail}"
+                    );
+                    return self
+                        .rollback(serial, &toplevel, "switch_failed", &reason)
+                        .await;
+                }
+                crate::activate::UnitResult::Running => {
+                    let reason =
+                        format!("switch-to-configuration test of release {serial} timed out");
+                    return self
+                        .rollback(serial, &toplevel, "switch_failed", &reason)
+                        .await;
+                }
+                crate::activate::UnitResult::Unknown => {
+                    let reason = interrupted("its switch left no result: power lost?");
+                    return self
+                        .rollback(serial, &toplevel, "interrupted", &reason)
+                        .await;
+                }
+            }
+        }
+        if !self.candidate_active(&toplevel) {
+            let reason = interrupted("the machine restarted: it runs its last good system again");
+            return self
+                .rollback(serial, &toplevel, "interrupted", &reason)
+                .await;
+        }
+        log::info!(serial = serial.to_string().as_str(), store_path = toplevel.as_str(); "resuming: release {serial} is active: running its health window again");
+        self.check(serial, &toplevel, failed_before).await
     }
 
     /// Sets the profile and the boot default to the healthy candidate.
@@ -234,6 +344,7 @@ impl Agent {
         self.state.reboot_needed = reboot_needed;
         self.state.attempts = None;
         self.state.last_error = None;
+        self.activator.clear_results();
         let old_root = self.gc_root("candidate");
         let _ = std::fs::rename(&old_root, self.gc_root("last-good"));
         if let Err(e) = self.transition(Phase::Idle) {
@@ -294,6 +405,7 @@ impl Agent {
             }
         }
         let _ = std::fs::remove_file(self.gc_root("candidate"));
+        self.activator.clear_results();
         self.state.phase = Phase::Idle;
         self.mark_bad(serial, toplevel, code, reason);
         log::info!(serial = serial.to_string().as_str(), store_path = last_good.as_str(); "back on the last good system {last_good}");
@@ -313,16 +425,23 @@ impl Agent {
                 let _ = self.transition(Phase::Idle);
                 None
             }
-            Phase::Trial { serial, toplevel } | Phase::Health { serial, toplevel } => {
-                let reason = format!(
-                    "the agent stopped during the trial of release {serial} (killed, crashed or \
-                     power lost)"
-                );
-                Some(
-                    self.rollback(serial, &toplevel, "interrupted", &reason)
-                        .await,
-                )
-            }
+            Phase::Trial {
+                serial,
+                toplevel,
+                unit,
+                failed_before,
+            } => Some(
+                self.resume_trial(serial, toplevel, unit, failed_before, false)
+                    .await,
+            ),
+            Phase::Health {
+                serial,
+                toplevel,
+                failed_before,
+            } => Some(
+                self.resume_trial(serial, toplevel, None, failed_before, true)
+                    .await,
+            ),
             Phase::Committing { serial, toplevel } => {
                 log::info!(serial = serial.to_string().as_str(); "resuming: finishing the commit of release {serial}");
                 Some(self.commit(serial, &toplevel).await)

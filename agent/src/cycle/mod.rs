@@ -221,8 +221,12 @@ impl Agent {
         let (target, candidate) = match &self.state.phase {
             Phase::Idle => (None, None),
             Phase::Realising { serial, toplevel }
-            | Phase::Trial { serial, toplevel }
-            | Phase::Health { serial, toplevel }
+            | Phase::Trial {
+                serial, toplevel, ..
+            }
+            | Phase::Health {
+                serial, toplevel, ..
+            }
             | Phase::Committing { serial, toplevel }
             | Phase::RollingBack {
                 serial, toplevel, ..
@@ -288,8 +292,12 @@ impl Agent {
         let (serial, store_path) = match &phase {
             Phase::Idle => (None, None),
             Phase::Realising { serial, toplevel }
-            | Phase::Trial { serial, toplevel }
-            | Phase::Health { serial, toplevel }
+            | Phase::Trial {
+                serial, toplevel, ..
+            }
+            | Phase::Health {
+                serial, toplevel, ..
+            }
             | Phase::Committing { serial, toplevel }
             | Phase::RollingBack {
                 serial, toplevel, ..

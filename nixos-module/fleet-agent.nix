@@ -125,7 +125,8 @@ in
         RestartSec = "10s";
         StateDirectory = "fleet-agent";
         StateDirectoryMode = "0700";
-        # A stop during a health window rolls back first.
+        # A stop leaves a trial to the next start (the switch goes on in its own transient unit,
+        # a health window is run again); a stop waits only for a direct-child switch.
         TimeoutStopSec = "15min";
         # No hardening that would stop it: it runs switch-to-configuration (through
         # systemd-run) and writes the system profile, which needs root and a writable /nix.

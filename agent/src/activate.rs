@@ -144,7 +144,8 @@ impl Activator {
                 // systemd turns "$$" into "$", so the shell reads the variables systemd sets for
                 // ExecStopPost; the result outlives the unit (--collect) and the agent.
                 .arg(format!(
-                    "--property=ExecStopPost=/bin/sh -c 'echo \"$$SERVICE_RESULT $$EXIT_CODE $$EXIT_STATUS\" > {}'",
+                    "--property=ExecStopPost=/bin/sh -c 'mkdir -p {} && echo \"$$SERVICE_RESULT $$EXIT_CODE $$EXIT_STATUS\" > {}'",
+                    self.results.display(),
                     result.display()
                 ))
                 .arg("--")

@@ -6,7 +6,7 @@
 //! | code | meaning |
 //! |------|---------|
 //! | 0 | success: committed, already up to date, nothing released, or waiting |
-//! | 1 | an operation failed before the system was touched (channel, cache, Nix); retried later |
+//! | 1 | an operation failed before the system was touched (channel, cache, Nix); retried later; or stopped mid-trial (resumed at the next start) |
 //! | 2 | usage or configuration error |
 //! | 3 | the release was refused (signature, serial, expiry, fleet, host entry, format) |
 //! | 4 | the candidate failed and the host rolled back to its last good system |

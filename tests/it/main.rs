@@ -4,6 +4,7 @@ mod agent;
 mod build;
 mod common;
 mod crash;
+mod machine;
 mod nix_files;
 mod refusals;
 mod release;

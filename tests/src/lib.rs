@@ -11,6 +11,7 @@ pub mod fixture;
 pub mod git;
 pub mod host;
 pub mod http;
+pub mod machine;
 pub mod netns;
 pub mod nix;
 

@@ -76,5 +76,6 @@ pub fn print_outcome(outcome: &Outcome, json: bool) {
         }
         Outcome::Failed { code, message } => println!("failed ({code}): {message}"),
         Outcome::RollbackFailed { message } => println!("rollback failed: {message}"),
+        Outcome::Stopped { message, .. } => println!("{message}"),
     }
 }

@@ -149,6 +149,14 @@ impl Agent {
             .switch_in(toplevel, Action::Test, unit.as_deref())
             .await;
         self.durations.record("switch", started);
+        if let (true, Some(unit)) = (self.cancel.is_cancelled(), &unit) {
+            // Stopping (systemd may have killed our systemd-run client with us): the switch
+            // goes on in its own unit, and the next start waits for it and carries on.
+            return self.stopped(
+                serial,
+                format!("stopped while release {serial} is switched in {unit}: the next start picks it up"),
+            );
+        }
         if let Err(e) = switched {
             let reason = format!("switch-to-configuration test of release {serial} failed: {e}");
             return self
@@ -181,11 +189,12 @@ impl Agent {
         self.durations.record("health", started);
         self.last_health = verdict.results.clone();
         if verdict.cancelled {
-            let reason =
-                format!("the agent was stopped during the health window of release {serial}");
-            return self
-                .rollback(serial, toplevel, "interrupted", &reason)
-                .await;
+            // The candidate stays active; the next start runs the window again (or, after a
+            // reboot into the last good system, rolls back).
+            return self.stopped(
+                serial,
+                format!("stopped during the health window of release {serial}: the next start runs it again"),
+            );
         }
         if !verdict.healthy {
             let reason = format!("release {serial} is unhealthy: {}", verdict.failures());
@@ -197,6 +206,11 @@ impl Agent {
         let outcome = self.commit(serial, toplevel).await;
         self.durations.record("commit", started);
         outcome
+    }
+
+    fn stopped(&mut self, serial: u64, message: String) -> Outcome {
+        log::warn!(serial = serial.to_string().as_str(); "{message}");
+        Outcome::Stopped { serial, message }
     }
 
     /// After a restart during the trial or the health window: whether the candidate is active

@@ -56,6 +56,9 @@ pub enum Outcome {
     Failed { code: String, message: String },
     /// Going back to the last good system failed: the host needs a person.
     RollbackFailed { message: String },
+    /// The agent was told to stop during a trial: the state says where, and the next start
+    /// resumes it (waits for the switch, runs the health window again, or rolls back).
+    Stopped { serial: u64, message: String },
 }
 
 impl Outcome {
@@ -71,6 +74,7 @@ impl Outcome {
             Self::RolledBack { .. } => "rolled-back",
             Self::Failed { .. } => "failed",
             Self::RollbackFailed { .. } => "rollback-failed",
+            Self::Stopped { .. } => "stopped",
         }
     }
 
@@ -86,6 +90,7 @@ impl Outcome {
             Self::Refused { code, .. } | Self::Failed { code, .. } => {
                 format!("{} {code}", self.name())
             }
+            Self::Stopped { serial, .. } => format!("stopped {serial}"),
             Self::NoRelease | Self::RollbackFailed { .. } => self.name().to_owned(),
         }
     }
@@ -98,7 +103,7 @@ impl Outcome {
             | Self::Committed { .. }
             | Self::KnownBad { .. }
             | Self::Waiting { .. } => 0,
-            Self::Failed { .. } => 1,
+            Self::Failed { .. } | Self::Stopped { .. } => 1,
             Self::Refused { .. } => 3,
             Self::RolledBack { .. } => 4,
             Self::RollbackFailed { .. } => 5,

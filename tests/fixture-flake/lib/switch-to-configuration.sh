@@ -5,6 +5,12 @@
 # plane on "cut-network" (creates $FLEET_FIXTURE_CONTROL/network-cut, which the test servers
 # obey), and points the links named by $FLEET_FIXTURE_CURRENT (test, switch) and
 # $FLEET_FIXTURE_BOOT (boot, switch) at its toplevel, as NixOS's activation and bootloader do.
+# "slow" takes 10 s to activate; "fail-unit" leaves a failed systemd unit behind (booted
+# containers). Where the variables are not set (a transient systemd unit does not inherit the
+# agent's environment), /etc/fleet-fixture.env may set them.
+if [ -z "$FLEET_FIXTURE_LOG" ] && [ -r /etc/fleet-fixture.env ]; then
+    . /etc/fleet-fixture.env
+fi
 action="$1"
 top="${0%/bin/switch-to-configuration}"
 # In a chroot store the script runs from <root>/nix/store/…; links name the logical path.
@@ -24,6 +30,12 @@ case "$behaviour:$action" in
         ;;
     hang:test | hang:switch)
         while :; do sleep 1; done
+        ;;
+    slow:test | slow:switch)
+        sleep 10
+        ;;
+    fail-unit:test | fail-unit:switch)
+        systemd-run --quiet --unit=fleet-fixture-broken --service-type=oneshot /bin/false || :
         ;;
 esac
 case "$action" in

@@ -1,0 +1,248 @@
+//! Booted machines: the agent as a real systemd service in a Debian container with systemd as
+//! PID 1, its switch in a transient unit, the journal, failed units and power cuts.
+
+use crate::common::Fleet;
+use fleet_tests::machine::Machine;
+
+/// A one-host fleet whose host `a` is a booted machine installed with version 1.
+fn booted(extra: &str) -> (Machine, Fleet, String) {
+    let fleet = Fleet::new(&["a"]);
+    let v1 = fleet.fleet.build("a");
+    let mut machine = Machine::new(
+        &fleet.dir.join("machines/a"),
+        "a",
+        &[(fleet.channel_dir.as_path(), "/srv/channel")],
+    );
+    machine.install(&v1);
+    machine.write(
+        "/etc/fleet-agent/config.toml",
+        &format!(
+            r#"fleet = "home"
+host = "a"
+trusted_keys = ["{key}"]
+channel = "/srv/channel"
+poll_interval = "2s"
+poll_splay = "0s"
+{extra}
+[health]
+window = "3s"
+interval = "500ms"
+
+[paths]
+system_profile = "/var/lib/fleet-system/profile"
+"#,
+            key = fleet.release_public_key()
+        ),
+    );
+    machine.boot();
+    (machine, fleet, v1)
+}
+
+/// Releases version `version` of host `a` with `behaviour`; returns its toplevel.
+fn release(fleet: &mut Fleet, version: &str, behaviour: &str) -> String {
+    fleet.fleet.set("a", |h| {
+        h.version = version.into();
+        h.behaviour = behaviour.into();
+    });
+    fleet.fleet.commit(&format!("a: {version} {behaviour}"));
+    fleet.release(&[]).ok();
+    fleet.fleet.build("a")
+}
+
+/// Waits until `done`, or fails showing the agent's state and journal.
+fn wait(machine: &Machine, what: &str, seconds: u64, done: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while start.elapsed().as_secs() < seconds {
+        if done() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let journal: Vec<String> = machine
+        .journal(None)
+        .iter()
+        .map(|e| format!("{}: {}", field(e, "_SYSTEMD_UNIT"), field(e, "MESSAGE")))
+        .filter(|l| l.contains("fleet") || l.contains("switch"))
+        .collect();
+    panic!(
+        "timed out after {seconds} s waiting for {what}\nstate: {:#}\nswitch calls: {:?}\njournal:\n{}",
+        machine.state(),
+        machine.switch_calls(),
+        journal.join("\n")
+    );
+}
+
+fn field<'a>(entry: &'a serde_json::Value, name: &str) -> &'a str {
+    entry[name].as_str().unwrap_or("")
+}
+
+#[test]
+fn the_agent_runs_as_a_service_and_logs_each_phase_to_the_journal_with_fields() {
+    let (machine, mut fleet, v1) = booted("");
+    assert_eq!(
+        machine.readlink("/run/current-system").as_deref(),
+        Some(v1.as_str())
+    );
+    assert_eq!(
+        machine
+            .exec(&["systemctl", "is-active", "fleet-agent.service"])
+            .stdout
+            .trim(),
+        "active"
+    );
+    let v2 = release(&mut fleet, "2", "ok");
+    wait(&machine, "release 1 is committed", 60, || {
+        machine.state()["last_good"] == v2.as_str()
+    });
+    assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
+    assert_eq!(
+        machine.readlink("/run/current-system").as_deref(),
+        Some(v2.as_str())
+    );
+    assert_eq!(
+        machine.switch_calls(),
+        [format!("test {v2}"), format!("boot {v2}")]
+    );
+
+    let journal = machine.journal(Some("fleet-agent.service"));
+    let phases: Vec<&serde_json::Value> = journal
+        .iter()
+        .filter(|e| !field(e, "PHASE").is_empty())
+        .collect();
+    let names: Vec<&str> = phases.iter().map(|e| field(e, "PHASE")).collect();
+    assert_eq!(
+        names,
+        ["realising", "trial", "health", "committing", "idle"],
+        "{journal:#?}"
+    );
+    for entry in &phases[..4] {
+        assert_eq!(field(entry, "SERIAL"), "1");
+        assert_eq!(field(entry, "STORE_PATH"), v2);
+        // The log crate's info is journald's notice (5); warnings are 4, errors 3.
+        assert_eq!(field(entry, "PRIORITY"), "5", "notice");
+        assert_eq!(field(entry, "SYSLOG_IDENTIFIER"), "fleet-agent");
+    }
+    // The switch ran in a transient unit of its own, not in fleet-agent.service.
+    let all = machine.journal(None);
+    assert!(
+        all.iter()
+            .any(|e| field(e, "UNIT").starts_with("fleet-agent-switch-test-1-")),
+        "no transient switch unit in the journal"
+    );
+
+    // A failure is logged as an error with its reason code.
+    release(&mut fleet, "3", "fail");
+    wait(&machine, "release 2 is rolled back", 60, || {
+        machine.state()["bad"]["serial"] == 2
+    });
+    let journal = machine.journal(Some("fleet-agent.service"));
+    let failure = journal
+        .iter()
+        .find(|e| field(e, "CODE") == "switch_failed")
+        .expect("a switch_failed entry");
+    assert_eq!(field(failure, "PRIORITY"), "3", "error: {failure}");
+    assert_eq!(field(failure, "SERIAL"), "2");
+    assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
+    assert_eq!(
+        machine.readlink("/run/current-system").as_deref(),
+        Some(v2.as_str())
+    );
+}
+
+#[test]
+fn restarting_the_agent_mid_trial_kills_no_switch_and_the_new_agent_finishes_the_cycle() {
+    let (machine, mut fleet, _v1) = booted("");
+    let v2 = release(&mut fleet, "2", "slow");
+    wait(&machine, "the trial switch is running", 60, || {
+        machine.state()["phase"]["phase"] == "trial"
+    });
+    let restarted = machine.exec(&["systemctl", "restart", "fleet-agent.service"]);
+    assert_eq!(restarted.code, Some(0), "{restarted}");
+    wait(&machine, "release 1 is committed", 60, || {
+        machine.state()["last_good"] == v2.as_str()
+    });
+    // One trial switch, run to its end: not killed by the restart, not started again.
+    assert_eq!(
+        machine.switch_calls(),
+        [format!("test {v2}"), format!("boot {v2}")]
+    );
+    assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
+    assert_eq!(machine.state()["bad"], serde_json::Value::Null);
+    // The first agent left the trial to the second, which took it over (waiting for the switch
+    // when it still ran, reading its recorded result otherwise) and ran the health window.
+    let journal = machine.journal(Some("fleet-agent.service"));
+    let messages: Vec<&str> = journal.iter().map(|e| field(e, "MESSAGE")).collect();
+    let said = |needle: &str| messages.iter().any(|m| m.contains(needle));
+    assert!(
+        said("stopped while release 1 is switched in fleet-agent-switch-test-1-"),
+        "{messages:#?}"
+    );
+    assert!(said("resuming: release 1 is active"), "{messages:#?}");
+    assert!(!said("rolling back"), "{messages:#?}");
+}
+
+#[test]
+fn a_release_that_leaves_a_unit_failed_is_rolled_back_by_the_built_in_check() {
+    let (machine, mut fleet, v1) = booted("");
+    let v2 = release(&mut fleet, "2", "fail-unit");
+    wait(&machine, "release 1 is rolled back", 60, || {
+        machine.state()["bad"]["serial"] == 1
+    });
+    let state = machine.state();
+    assert_eq!(state["bad"]["code"], "health_failed", "{state}");
+    assert!(
+        state["bad"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("fleet-fixture-broken.service"),
+        "{state}"
+    );
+    assert_eq!(
+        machine.switch_calls(),
+        [format!("test {v2}"), format!("test {v1}")]
+    );
+    assert_eq!(machine.committed(), (Some(v1.clone()), Some(v1.clone())));
+    assert_eq!(
+        machine.readlink("/run/current-system").as_deref(),
+        Some(v1.as_str())
+    );
+}
+
+#[test]
+fn a_power_cut_during_the_trial_boots_the_last_committed_system_and_is_not_retried() {
+    let (mut machine, mut fleet, v1) = booted("");
+    let v2 = release(&mut fleet, "2", "hang");
+    wait(&machine, "the trial switch hangs", 60, || {
+        machine.switch_calls().contains(&format!("test {v2}"))
+    });
+    machine.power_cut();
+    machine.boot();
+    // The boot default was never touched: the machine came back on version 1.
+    let boots = machine.read("/var/log/fleet-boots.log").unwrap();
+    assert_eq!(
+        boots.lines().collect::<Vec<_>>(),
+        [format!("booted {v1}"), format!("booted {v1}")]
+    );
+    wait(
+        &machine,
+        "the interrupted release is recorded as bad",
+        60,
+        || machine.state()["bad"]["serial"] == 1,
+    );
+    let state = machine.state();
+    assert_eq!(state["bad"]["code"], "interrupted", "{state}");
+    assert_eq!(state["last_error"]["code"], "interrupted", "{state}");
+    // Several polls later it has not been tried again.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let trials = machine
+        .switch_calls()
+        .iter()
+        .filter(|c| **c == format!("test {v2}"))
+        .count();
+    assert_eq!(trials, 1, "{:?}", machine.switch_calls());
+    assert_eq!(machine.committed(), (Some(v1.clone()), Some(v1.clone())));
+    assert_eq!(
+        machine.readlink("/run/current-system").as_deref(),
+        Some(v1.as_str())
+    );
+}

@@ -713,3 +713,35 @@ fn a_host_in_safe_mode_says_so_instead_of_falling_silent() {
     assert_eq!(a["report"]["current"], v1.as_str());
     host.assert_on(&v1);
 }
+
+#[test]
+fn a_host_sending_too_fast_is_held_to_its_rate_and_others_are_not() {
+    let dir = fleet_tests::TestDir::new();
+    let paper = PaperFleet::new(dir.path(), 2);
+    let collector = Collector::start(
+        &dir.join("fleet.db"),
+        &paper.channel_dir.display().to_string(),
+        &paper.release_public_key(),
+    );
+    let mut accepted = 0;
+    let mut limited = 0;
+    for counter in 1..=90 {
+        let (body, signature) = paper.report(0, counter);
+        let (status, answer) = collector.post(&body, Some(&signature));
+        match status {
+            200 => accepted += 1,
+            429 => {
+                assert!(answer.contains("rate_limited"), "{answer}");
+                limited += 1;
+            }
+            other => panic!("unexpected {other}: {answer}"),
+        }
+    }
+    // A burst of 60, then about one a second.
+    assert!((60..=70).contains(&accepted), "accepted {accepted}");
+    assert_eq!(accepted + limited, 90);
+    assert_eq!(collector.history("host0").len(), accepted.min(100));
+    // The other host's budget is its own.
+    let (body, signature) = paper.report(1, 1);
+    assert_eq!(collector.post(&body, Some(&signature)).0, 200);
+}

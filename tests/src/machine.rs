@@ -219,10 +219,12 @@ impl Machine {
                 .arg(&root),
             "mount the machine's overlay",
         );
+        // Unique per machine: tests boot machines of the same name side by side.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let netns = format!(
-            "fm{:x}{}",
-            std::process::id() % 0xffff,
-            name.chars().take(6).collect::<String>()
+            "fm{:x}m{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
         let _ = Command::new("ip").args(["netns", "del", &netns]).output();
         must(

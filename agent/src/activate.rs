@@ -108,6 +108,16 @@ impl Activator {
         }
     }
 
+    /// Asks systemd to reboot the machine. It only queues the job (`--no-block`): a client that
+    /// waited would be stopped with the agent's own unit on the way down.
+    pub async fn reboot(&self) -> Result<(), ProcessError> {
+        let mut command = Command::new("systemctl");
+        command.args(["reboot", "--no-block"]);
+        process::run(command, Duration::from_secs(60), &CancellationToken::new())
+            .await
+            .map(drop)
+    }
+
     /// Forgets the recorded results of finished switches.
     pub fn clear_results(&self) {
         let _ = std::fs::remove_dir_all(&self.results);

@@ -151,6 +151,20 @@ pub struct RawActivation {
     /// Longest a switch-to-configuration run may take before it counts as failed; default 10m.
     #[serde(default = "default_switch_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// "never" (default): a release that changes the kernel, initrd or modules is tried live
+    /// and committed with "reboot needed"; "auto": it becomes the boot default, the machine
+    /// reboots into it, and it is checked after the boot (rolled back and rebooted again when
+    /// unhealthy).
+    #[serde(default)]
+    pub reboot: RebootPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RebootPolicy {
+    #[default]
+    Never,
+    Auto,
 }
 
 impl Default for RawActivation {
@@ -158,6 +172,7 @@ impl Default for RawActivation {
         Self {
             mode: ActivationMode::Auto,
             timeout: default_switch_timeout(),
+            reboot: RebootPolicy::Never,
         }
     }
 }
@@ -508,6 +523,7 @@ pub struct Config {
     pub max_attempts: u32,
     pub activation_mode: ActivationMode,
     pub switch_timeout: Duration,
+    pub reboot: RebootPolicy,
     pub health_window: Duration,
     pub health_interval: Duration,
     pub no_failed_units: bool,
@@ -688,6 +704,7 @@ impl Config {
             max_attempts: raw.max_attempts,
             activation_mode: raw.activation.mode,
             switch_timeout: raw.activation.timeout,
+            reboot: raw.activation.reboot,
             health_window: raw.health.window,
             health_interval: raw.health.interval,
             no_failed_units: raw.health.no_failed_units,

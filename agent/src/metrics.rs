@@ -12,11 +12,12 @@ use std::path::Path;
 pub const METRICS_FILE: &str = "fleet-agent.prom";
 
 /// The phases, for the phase state set (one series each, the current one at 1).
-const PHASES: [&str; 6] = [
+const PHASES: [&str; 7] = [
     "idle",
     "realising",
     "trial",
     "health",
+    "booting",
     "committing",
     "rolling-back",
 ];

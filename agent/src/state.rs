@@ -41,6 +41,9 @@ pub enum Phase {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         failed_before: Vec<String>,
     },
+    /// The candidate changes what only a reboot loads (`[activation] reboot = "auto"`): it is
+    /// the boot default, and the machine reboots into it; checked after the boot.
+    Booting { serial: u64, toplevel: String },
     /// The candidate proved healthy; the profile and boot entry are being set.
     Committing { serial: u64, toplevel: String },
     /// Going back to the last good system.
@@ -59,6 +62,7 @@ impl Phase {
             Self::Realising { .. } => "realising",
             Self::Trial { .. } => "trial",
             Self::Health { .. } => "health",
+            Self::Booting { .. } => "booting",
             Self::Committing { .. } => "committing",
             Self::RollingBack { .. } => "rolling-back",
         }

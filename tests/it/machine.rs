@@ -246,3 +246,64 @@ fn a_power_cut_during_the_trial_boots_the_last_committed_system_and_is_not_retri
         Some(v1.as_str())
     );
 }
+
+#[test]
+fn a_new_kernel_is_booted_into_checked_after_the_boot_and_rolled_back_with_another_reboot() {
+    // Healthy unless the machine runs kernel 6.9.
+    let (mut machine, mut fleet, v1) = booted(
+        r#"
+[activation]
+reboot = "auto"
+
+[[health.checks]]
+name = "not kernel 6.9"
+type = "command"
+command = ["/bin/sh", "-c", "! grep -q 6.9 /run/current-system/kernel"]
+"#,
+    );
+    let release_kernel = |fleet: &mut Fleet, version: &str, kernel: &str| {
+        fleet.fleet.set("a", |h| {
+            h.version = version.into();
+            h.kernel = kernel.into();
+        });
+        fleet.fleet.commit(&format!("a: {version} kernel {kernel}"));
+        fleet.release(&[]).ok();
+        fleet.fleet.build("a")
+    };
+
+    // A new kernel: made the boot default, booted into, checked, committed.
+    let v2 = release_kernel(&mut fleet, "2", "6.2.0");
+    machine.wait_for_reboot(60);
+    wait(&machine, "release 1 is committed after the boot", 60, || {
+        machine.state()["last_good"] == v2.as_str()
+    });
+    assert_eq!(machine.readlink("/run/booted-system").as_deref(), Some(v2.as_str()));
+    assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
+    assert_eq!(machine.state()["reboot_needed"], false);
+    // Never tried live: its first activation was the boot.
+    assert!(!machine.switch_calls().contains(&format!("test {v2}")));
+
+    // A kernel the health check rejects: booted into, rolled back, and booted out of again.
+    let v3 = release_kernel(&mut fleet, "3", "6.9.0");
+    machine.wait_for_reboot(60);
+    machine.wait_for_reboot(60);
+    wait(&machine, "release 2 is recorded as bad", 60, || {
+        machine.state()["bad"]["serial"] == 2
+    });
+    let state = machine.state();
+    assert_eq!(state["bad"]["code"], "health_failed", "{state}");
+    assert_eq!(state["last_good"], v2.as_str());
+    assert_eq!(machine.readlink("/run/booted-system").as_deref(), Some(v2.as_str()));
+    assert_eq!(machine.readlink("/run/current-system").as_deref(), Some(v2.as_str()));
+    assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
+    let boots = machine.read("/var/log/fleet-boots.log").unwrap();
+    assert_eq!(
+        boots.lines().collect::<Vec<_>>(),
+        [
+            format!("booted {v1}"),
+            format!("booted {v2}"),
+            format!("booted {v3}"),
+            format!("booted {v2}")
+        ]
+    );
+}

@@ -345,6 +345,24 @@ impl Machine {
         self.boot();
     }
 
+    /// Waits until the machine reboots by itself (the container ends), then boots it again, as
+    /// its firmware would.
+    pub fn wait_for_reboot(&mut self, seconds: u64) {
+        let child = self.nspawn.as_mut().expect("the machine is running");
+        let start = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed().as_secs() < seconds,
+                "{} did not reboot within {seconds} s",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.nspawn = None;
+        self.init = None;
+        self.boot();
+    }
+
     /// Power cut: SIGKILL to the machine's init, no shutdown at all. Not booted again.
     pub fn power_cut(&mut self) {
         if let Some(init) = self.init.take() {

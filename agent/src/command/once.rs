@@ -77,5 +77,8 @@ pub fn print_outcome(outcome: &Outcome, json: bool) {
         Outcome::Failed { code, message } => println!("failed ({code}): {message}"),
         Outcome::RollbackFailed { message } => println!("rollback failed: {message}"),
         Outcome::Stopped { message, .. } => println!("{message}"),
+        Outcome::Rebooting { serial } => {
+            println!("rebooting for release {serial}: it is checked after the boot")
+        }
     }
 }

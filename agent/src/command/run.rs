@@ -185,6 +185,16 @@ async fn daemon(config: Config) -> u8 {
         } else {
             fast_polls_left = fast_polls_left.saturating_sub(1);
         }
+        if let Outcome::Rebooting { serial } = outcome {
+            // systemd stops the agent on the way down; the next start checks the boot.
+            log::info!(serial = serial.to_string().as_str(); "waiting for the reboot");
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(300)) => {
+                    log::error!("the machine did not reboot within 5 minutes");
+                }
+            }
+        }
         let delay = next_delay(&config, errors, fast_polls_left);
         let runtime = Runtime {
             pid: std::process::id(),

@@ -30,6 +30,7 @@ pub fn run(path: &Path, json: bool) -> u8 {
         Phase::Realising { toplevel, .. }
         | Phase::Trial { toplevel, .. }
         | Phase::Health { toplevel, .. }
+        | Phase::Booting { toplevel, .. }
         | Phase::Committing { toplevel, .. }
         | Phase::RollingBack { toplevel, .. } => Some(toplevel.clone()),
     });

@@ -3,7 +3,7 @@
 
 use super::{unix_now, Agent, Outcome};
 use crate::activate::{reboot_parts, Action};
-use crate::config::RealiseMode;
+use crate::config::{RealiseMode, RebootPolicy};
 use crate::failpoint;
 use crate::health::{failed_units, Health};
 use crate::nix::NixError;
@@ -131,7 +131,18 @@ impl Agent {
     }
 
     /// Activates the candidate with `switch-to-configuration test`, then runs the health window.
+    /// With `reboot = "auto"`, a candidate that changes what only a reboot loads is booted
+    /// into instead.
     async fn trial(&mut self, serial: u64, toplevel: &str) -> Outcome {
+        if self.config.reboot == RebootPolicy::Auto {
+            let candidate = self.nix.physical(toplevel);
+            let booted = crate::nix::resolve_link(&self.config.booted_system)
+                .map(|b| self.nix.physical(&b));
+            let parts = reboot_parts(&candidate, booted.as_deref());
+            if !parts.is_empty() {
+                return self.boot_into(serial, toplevel, &parts).await;
+            }
+        }
         let failed_before = failed_units().await;
         let unit = self.activator.unit_name(Action::Test, serial);
         let phase = Phase::Trial {
@@ -205,6 +216,80 @@ impl Agent {
         let started = Instant::now();
         let outcome = self.commit(serial, toplevel).await;
         self.durations.record("commit", started);
+        outcome
+    }
+
+    /// Makes the candidate the boot default and reboots into it; the health window runs after
+    /// the boot ([`Self::resume`]).
+    async fn boot_into(&mut self, serial: u64, toplevel: &str, parts: &[String]) -> Outcome {
+        let phase = Phase::Booting {
+            serial,
+            toplevel: toplevel.to_owned(),
+        };
+        if let Err(e) = self.transition(phase) {
+            return self.fail("state_write", e.to_string(), Some(serial));
+        }
+        if let Err(e) = self
+            .nix
+            .set_profile(&self.config.system_profile, toplevel, &self.cancel)
+            .await
+        {
+            let reason = format!("cannot set the system profile to {toplevel}: {e}");
+            return self
+                .rollback(serial, toplevel, "commit_failed", &reason)
+                .await;
+        }
+        if let Err(e) = self.activator.switch(toplevel, Action::Boot).await {
+            let reason = format!("switch-to-configuration boot of release {serial} failed: {e}");
+            return self
+                .rollback(serial, toplevel, "commit_failed", &reason)
+                .await;
+        }
+        log::warn!(
+            serial = serial.to_string().as_str(), store_path = toplevel;
+            "release {serial} changes {}: rebooting into it; it is checked after the boot",
+            parts.join(", ")
+        );
+        if let Err(e) = self.activator.reboot().await {
+            let reason = format!("cannot reboot into release {serial}: {e}");
+            return self
+                .rollback(serial, toplevel, "reboot_failed", &reason)
+                .await;
+        }
+        Outcome::Rebooting { serial }
+    }
+
+    /// After the reboot into a candidate: the health window when the machine booted it, a
+    /// rollback otherwise. A rollback from a booted candidate reboots again, into the last good
+    /// system.
+    async fn resume_boot(&mut self, serial: u64, toplevel: String) -> Outcome {
+        let booted = crate::nix::resolve_link(&self.config.booted_system);
+        let outcome = if !self.resume_attempt(serial, &toplevel) {
+            let reason = format!("release {serial} was booted into too often: giving up on it");
+            self.rollback(serial, &toplevel, "interrupted", &reason)
+                .await
+        } else if booted.as_deref() == Some(toplevel.as_str()) && self.candidate_active(&toplevel)
+        {
+            log::info!(serial = serial.to_string().as_str(), store_path = toplevel.as_str(); "booted into release {serial}: running its health window");
+            // Everything failed now failed with this boot: no unit is excused.
+            self.check(serial, &toplevel, Vec::new()).await
+        } else {
+            let reason = format!(
+                "the machine did not boot release {serial}: it runs {}",
+                booted.as_deref().unwrap_or("(unknown)")
+            );
+            self.rollback(serial, &toplevel, "boot_failed", &reason)
+                .await
+        };
+        let on_candidate = crate::nix::resolve_link(&self.config.booted_system).as_deref()
+            == Some(toplevel.as_str());
+        if matches!(outcome, Outcome::RolledBack { .. }) && on_candidate {
+            log::warn!(serial = serial.to_string().as_str(); "rebooting into the last good system, away from release {serial}");
+            match self.activator.reboot().await {
+                Ok(()) => return Outcome::Rebooting { serial },
+                Err(e) => log::error!("cannot reboot back into the last good system: {e}"),
+            }
+        }
         outcome
     }
 
@@ -456,6 +541,7 @@ impl Agent {
                 self.resume_trial(serial, toplevel, None, failed_before, true)
                     .await,
             ),
+            Phase::Booting { serial, toplevel } => Some(self.resume_boot(serial, toplevel).await),
             Phase::Committing { serial, toplevel } => {
                 log::info!(serial = serial.to_string().as_str(); "resuming: finishing the commit of release {serial}");
                 Some(self.commit(serial, &toplevel).await)

@@ -56,6 +56,9 @@ pub enum Outcome {
     Failed { code: String, message: String },
     /// Going back to the last good system failed: the host needs a person.
     RollbackFailed { message: String },
+    /// The machine reboots into the candidate (or back to the last good system); the agent
+    /// checks it after the boot.
+    Rebooting { serial: u64 },
     /// The agent was told to stop during a trial: the state says where, and the next start
     /// resumes it (waits for the switch, runs the health window again, or rolls back).
     Stopped { serial: u64, message: String },
@@ -75,6 +78,7 @@ impl Outcome {
             Self::Failed { .. } => "failed",
             Self::RollbackFailed { .. } => "rollback-failed",
             Self::Stopped { .. } => "stopped",
+            Self::Rebooting { .. } => "rebooting",
         }
     }
 
@@ -91,6 +95,7 @@ impl Outcome {
                 format!("{} {code}", self.name())
             }
             Self::Stopped { serial, .. } => format!("stopped {serial}"),
+            Self::Rebooting { serial } => format!("rebooting {serial}"),
             Self::NoRelease | Self::RollbackFailed { .. } => self.name().to_owned(),
         }
     }
@@ -102,7 +107,8 @@ impl Outcome {
             | Self::UpToDate { .. }
             | Self::Committed { .. }
             | Self::KnownBad { .. }
-            | Self::Waiting { .. } => 0,
+            | Self::Waiting { .. }
+            | Self::Rebooting { .. } => 0,
             Self::Failed { .. } | Self::Stopped { .. } => 1,
             Self::Refused { .. } => 3,
             Self::RolledBack { .. } => 4,
@@ -232,6 +238,7 @@ impl Agent {
             | Phase::Health {
                 serial, toplevel, ..
             }
+            | Phase::Booting { serial, toplevel }
             | Phase::Committing { serial, toplevel }
             | Phase::RollingBack {
                 serial, toplevel, ..
@@ -303,6 +310,7 @@ impl Agent {
             | Phase::Health {
                 serial, toplevel, ..
             }
+            | Phase::Booting { serial, toplevel }
             | Phase::Committing { serial, toplevel }
             | Phase::RollingBack {
                 serial, toplevel, ..
@@ -369,7 +377,10 @@ impl Agent {
 
     async fn cycle_inner(&mut self) -> Outcome {
         if let Some(outcome) = self.resume().await {
-            if matches!(outcome, Outcome::RollbackFailed { .. }) {
+            if matches!(
+                outcome,
+                Outcome::RollbackFailed { .. } | Outcome::Rebooting { .. }
+            ) {
                 return outcome;
             }
         }

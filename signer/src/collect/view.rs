@@ -116,11 +116,12 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-const PHASES: [&str; 6] = [
+const PHASES: [&str; 7] = [
     "idle",
     "realising",
     "trial",
     "health",
+    "booting",
     "committing",
     "rolling-back",
 ];

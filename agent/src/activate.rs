@@ -173,6 +173,53 @@ impl Activator {
     }
 }
 
+/// The systemd service this process runs in, from its cgroup (`…/fleet-agent.service`).
+pub fn own_unit() -> Option<String> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let unit = path.rsplit('/').next()?;
+    unit.ends_with(".service").then(|| unit.to_owned())
+}
+
+/// What the unit would run if started now: its command lines and environment, as systemd has
+/// them loaded (a release's switch reloads systemd; the agent's own unit is not restarted by
+/// it). Runtime details (pids, times) are left out, so the text changes only with the unit.
+pub async fn unit_definition(unit: &str) -> Option<String> {
+    let mut command = Command::new("systemctl");
+    command.args([
+        "show",
+        unit,
+        "-p",
+        "ExecStart",
+        "-p",
+        "Environment",
+        "-p",
+        "FragmentPath",
+    ]);
+    let out = process::run(command, Duration::from_secs(30), &CancellationToken::new())
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    Some(
+        text.lines()
+            .map(|line| match line.split_once("argv[]=") {
+                Some((_, rest)) => rest.split(" ;").next().unwrap_or(rest).to_owned(),
+                None => line.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+/// Asks systemd to restart `unit` (queued: the restart stops this very process).
+pub async fn restart_unit(unit: &str) -> Result<(), ProcessError> {
+    let mut command = Command::new("systemctl");
+    command.args(["restart", "--no-block", unit]);
+    process::run(command, Duration::from_secs(60), &CancellationToken::new())
+        .await
+        .map(drop)
+}
+
 /// What decides whether a system needs a reboot to run: kernel, initrd, kernel modules.
 fn boot_identity(dir: &Path) -> Vec<(String, Option<String>)> {
     ["kernel", "initrd", "kernel-modules"]

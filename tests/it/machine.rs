@@ -274,10 +274,16 @@ command = ["/bin/sh", "-c", "! grep -q 6.9 /run/current-system/kernel"]
     // A new kernel: made the boot default, booted into, checked, committed.
     let v2 = release_kernel(&mut fleet, "2", "6.2.0");
     machine.wait_for_reboot(60);
-    wait(&machine, "release 1 is committed after the boot", 60, || {
-        machine.state()["last_good"] == v2.as_str()
-    });
-    assert_eq!(machine.readlink("/run/booted-system").as_deref(), Some(v2.as_str()));
+    wait(
+        &machine,
+        "release 1 is committed after the boot",
+        60,
+        || machine.state()["last_good"] == v2.as_str(),
+    );
+    assert_eq!(
+        machine.readlink("/run/booted-system").as_deref(),
+        Some(v2.as_str())
+    );
     assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
     assert_eq!(machine.state()["reboot_needed"], false);
     // Never tried live: its first activation was the boot.
@@ -293,8 +299,14 @@ command = ["/bin/sh", "-c", "! grep -q 6.9 /run/current-system/kernel"]
     let state = machine.state();
     assert_eq!(state["bad"]["code"], "health_failed", "{state}");
     assert_eq!(state["last_good"], v2.as_str());
-    assert_eq!(machine.readlink("/run/booted-system").as_deref(), Some(v2.as_str()));
-    assert_eq!(machine.readlink("/run/current-system").as_deref(), Some(v2.as_str()));
+    assert_eq!(
+        machine.readlink("/run/booted-system").as_deref(),
+        Some(v2.as_str())
+    );
+    assert_eq!(
+        machine.readlink("/run/current-system").as_deref(),
+        Some(v2.as_str())
+    );
     assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
     let boots = machine.read("/var/log/fleet-boots.log").unwrap();
     assert_eq!(
@@ -306,4 +318,64 @@ command = ["/bin/sh", "-c", "! grep -q 6.9 /run/current-system/kernel"]
             format!("booted {v2}")
         ]
     );
+}
+
+#[test]
+fn a_release_that_changes_the_agents_own_unit_restarts_the_agent_only_after_the_commit() {
+    let (machine, mut fleet, _v1) = booted("");
+    let main_pid = || {
+        machine
+            .exec(&[
+                "systemctl",
+                "show",
+                "-p",
+                "MainPID",
+                "--value",
+                "fleet-agent.service",
+            ])
+            .stdout
+            .trim()
+            .to_owned()
+    };
+    let first = main_pid();
+    let v2 = release(&mut fleet, "2", "new-agent");
+    wait(&machine, "release 1 is committed", 60, || {
+        machine.state()["last_good"] == v2.as_str()
+    });
+    wait(&machine, "the agent restarts into its new unit", 30, || {
+        let pid = main_pid();
+        pid != first && pid != "0"
+    });
+    // The new agent runs with what the release put into its unit.
+    let environ = machine
+        .read(&format!("/proc/{}/environ", main_pid()))
+        .unwrap_or_default();
+    assert!(
+        environ.contains(&format!("FLEET_FIXTURE_SYSTEM={v2}")),
+        "{environ:?}"
+    );
+    // One start before the release, the next only after its commit.
+    let messages: Vec<String> = machine
+        .journal(Some("fleet-agent.service"))
+        .iter()
+        .map(|e| field(e, "MESSAGE").to_owned())
+        .collect();
+    let at = |needle: &str| -> Vec<usize> {
+        messages
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.contains(needle))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let starts = at("fleet-agent 0.1.0 started");
+    let trial = at("phase realising -> trial (release 1)");
+    let committed = at("release 1 committed");
+    assert_eq!(starts.len(), 2, "{messages:#?}");
+    assert_eq!((trial.len(), committed.len()), (1, 1), "{messages:#?}");
+    assert!(
+        starts[0] < trial[0] && committed[0] < starts[1],
+        "{messages:#?}"
+    );
+    assert!(!at("restarting into it now that it is committed").is_empty());
 }

@@ -28,6 +28,7 @@ const FIXTURE_ENV: &str = "FLEET_FIXTURE_LOG=/var/log/fleet-switch.log
 FLEET_FIXTURE_CURRENT=/run/current-system
 FLEET_FIXTURE_BOOT=/boot/fleet-default
 FLEET_FIXTURE_CONTROL=/etc/fleet-fixture-control
+FLEET_FIXTURE_AGENT_DROPIN=/etc/systemd/system/fleet-agent.service.d/fixture.conf
 ";
 
 const BOOT_SCRIPT: &str = "#!/bin/sh
@@ -236,6 +237,8 @@ impl Machine {
             "loopback up",
         );
         write(&root, "/etc/hostname", &format!("{name}\n"), 0o644);
+        // Per machine, so the fixture's settings can change without rebuilding the image.
+        write(&root, "/etc/fleet-fixture.env", FIXTURE_ENV, 0o644);
         Self {
             name: name.to_owned(),
             dir: dir.to_owned(),

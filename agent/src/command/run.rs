@@ -3,6 +3,7 @@
 //! or SIGINT after finishing (or rolling back) what it was doing.
 
 use super::{load_config, runtime};
+use fleet_agent::activate;
 use fleet_agent::config::Config;
 use fleet_agent::cycle::{Agent, Outcome};
 use fleet_agent::identity;
@@ -156,6 +157,15 @@ async fn daemon(config: Config) -> u8 {
         config.channel
     );
     agent.publish(Event::Start);
+    // What our own unit runs: a committed release that changes it restarts the agent (its unit
+    // is never restarted by a switch, so a trial cannot kill the agent that judges it).
+    let own_unit = match activate::own_unit() {
+        Some(unit) if activate::systemd_booted() => {
+            let definition = activate::unit_definition(&unit).await;
+            Some((unit, definition))
+        }
+        _ => None,
+    };
     let sender = agent
         .reporter()
         .map(|reporter| tokio::spawn(reporter.run(cancel.clone())));
@@ -184,6 +194,20 @@ async fn daemon(config: Config) -> u8 {
             fast_polls_left = 3;
         } else {
             fast_polls_left = fast_polls_left.saturating_sub(1);
+        }
+        if let (Outcome::Committed { serial, .. }, Some((unit, definition))) = (&outcome, &own_unit)
+        {
+            let now = activate::unit_definition(unit).await;
+            if now.is_some() && now != *definition {
+                log::info!(serial = serial.to_string().as_str(); "release {serial} changed {unit}: restarting into it now that it is committed");
+                match activate::restart_unit(unit).await {
+                    Ok(()) => {
+                        cancel.cancelled().await;
+                        break;
+                    }
+                    Err(e) => log::error!("cannot restart {unit}: {e}"),
+                }
+            }
         }
         if let Outcome::Rebooting { serial } = outcome {
             // systemd stops the agent on the way down; the next start checks the boot.

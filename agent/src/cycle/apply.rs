@@ -136,8 +136,8 @@ impl Agent {
     async fn trial(&mut self, serial: u64, toplevel: &str) -> Outcome {
         if self.config.reboot == RebootPolicy::Auto {
             let candidate = self.nix.physical(toplevel);
-            let booted = crate::nix::resolve_link(&self.config.booted_system)
-                .map(|b| self.nix.physical(&b));
+            let booted =
+                crate::nix::resolve_link(&self.config.booted_system).map(|b| self.nix.physical(&b));
             let parts = reboot_parts(&candidate, booted.as_deref());
             if !parts.is_empty() {
                 return self.boot_into(serial, toplevel, &parts).await;
@@ -268,8 +268,7 @@ impl Agent {
             let reason = format!("release {serial} was booted into too often: giving up on it");
             self.rollback(serial, &toplevel, "interrupted", &reason)
                 .await
-        } else if booted.as_deref() == Some(toplevel.as_str()) && self.candidate_active(&toplevel)
-        {
+        } else if booted.as_deref() == Some(toplevel.as_str()) && self.candidate_active(&toplevel) {
             log::info!(serial = serial.to_string().as_str(), store_path = toplevel.as_str(); "booted into release {serial}: running its health window");
             // Everything failed now failed with this boot: no unit is excused.
             self.check(serial, &toplevel, Vec::new()).await

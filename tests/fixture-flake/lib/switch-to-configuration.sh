@@ -6,7 +6,9 @@
 # obey), and points the links named by $FLEET_FIXTURE_CURRENT (test, switch) and
 # $FLEET_FIXTURE_BOOT (boot, switch) at its toplevel, as NixOS's activation and bootloader do.
 # "slow" takes 10 s to activate; "fail-unit" leaves a failed systemd unit behind (booted
-# containers). Where the variables are not set (a transient systemd unit does not inherit the
+# containers); "new-agent" changes fleet-agent.service (a drop-in at
+# $FLEET_FIXTURE_AGENT_DROPIN, then a daemon-reload, never a restart of that unit, as NixOS does
+# for a unit with restartIfChanged = false), and activating any other system takes it away. Where the variables are not set (a transient systemd unit does not inherit the
 # agent's environment), /etc/fleet-fixture.env may set them.
 if [ -z "$FLEET_FIXTURE_LOG" ] && [ -r /etc/fleet-fixture.env ]; then
     . /etc/fleet-fixture.env
@@ -53,6 +55,16 @@ esac
 case "$action" in
     test | switch)
         [ -n "$FLEET_FIXTURE_CURRENT" ] && ln -sfn "$logical" "$FLEET_FIXTURE_CURRENT"
+        if [ -n "$FLEET_FIXTURE_AGENT_DROPIN" ]; then
+            if [ "$behaviour" = new-agent ]; then
+                mkdir -p "${FLEET_FIXTURE_AGENT_DROPIN%/*}"
+                printf '[Service]\nEnvironment=FLEET_FIXTURE_SYSTEM=%s\n' "$logical" > "$FLEET_FIXTURE_AGENT_DROPIN"
+                systemctl daemon-reload
+            elif [ -e "$FLEET_FIXTURE_AGENT_DROPIN" ]; then
+                rm -f "$FLEET_FIXTURE_AGENT_DROPIN"
+                systemctl daemon-reload
+            fi
+        fi
         ;;
 esac
 case "$action" in

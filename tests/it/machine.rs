@@ -2,6 +2,7 @@
 //! PID 1, its switch in a transient unit, the journal, failed units and power cuts.
 
 use crate::common::Fleet;
+use fleet_tests::collector::Collector;
 use fleet_tests::machine::Machine;
 
 /// A one-host fleet whose host `a` is a booted machine installed with version 1.
@@ -210,8 +211,35 @@ fn a_release_that_leaves_a_unit_failed_is_rolled_back_by_the_built_in_check() {
 
 #[test]
 fn a_power_cut_during_the_trial_boots_the_last_committed_system_and_is_not_retried() {
-    let (mut machine, mut fleet, v1) = booted("");
-    let v2 = release(&mut fleet, "2", "hang");
+    let (mut machine, mut fleet, v1) = booted("[report]\nurl = \"http://127.0.0.1:9400\"\n");
+    // A collector on the machine's own loopback, and the machine's report key in the release.
+    let collector = Collector::start_in_netns(
+        machine.netns(),
+        &fleet.dir.join("collector.db"),
+        &fleet.channel_dir.display().to_string(),
+        &fleet.release_public_key(),
+    );
+    assert_eq!(collector.url, "http://127.0.0.1:9400");
+    let key = machine
+        .exec(&[
+            "fleet-agent",
+            "--config",
+            "/etc/fleet-agent/config.toml",
+            "identity",
+        ])
+        .stdout
+        .trim()
+        .to_owned();
+    let config = fleet.dir.join("fleet.toml");
+    std::fs::write(&config, format!("[hosts.a]\nreport_key = \"{key}\"\n")).unwrap();
+    fleet.fleet.set("a", |h| {
+        h.version = "2".into();
+        h.behaviour = "hang".into();
+    });
+    fleet.fleet.commit("a: 2 hang");
+    fleet.release(&["--config", config.to_str().unwrap()]).ok();
+    let v2 = fleet.fleet.build("a");
+
     wait(&machine, "the trial switch hangs", 60, || {
         machine.switch_calls().contains(&format!("test {v2}"))
     });
@@ -232,6 +260,16 @@ fn a_power_cut_during_the_trial_boots_the_last_committed_system_and_is_not_retri
     let state = machine.state();
     assert_eq!(state["bad"]["code"], "interrupted", "{state}");
     assert_eq!(state["last_error"]["code"], "interrupted", "{state}");
+    // The collector heard about it.
+    wait(
+        &machine,
+        "the collector shows the interrupted release",
+        30,
+        || {
+            let host = collector.host("a");
+            host["report"]["error"]["code"] == "interrupted" && host["health"] == "failing"
+        },
+    );
     // Several polls later it has not been tried again.
     std::thread::sleep(std::time::Duration::from_secs(6));
     let trials = machine

@@ -12,6 +12,8 @@ use std::time::Duration;
 pub struct Collector {
     /// The `fleet-sign` binary; default: the workspace's test build.
     program: Option<PathBuf>,
+    /// A network namespace to run in (a booted machine's, to be its loopback collector).
+    netns: Option<String>,
     pub url: String,
     pub listen: String,
     pub database: PathBuf,
@@ -41,8 +43,26 @@ impl Collector {
     ) -> Self {
         let mut collector = Self {
             program,
+            netns: None,
             url: String::new(),
             listen: listen.to_owned(),
+            database: database.to_owned(),
+            from: from.to_owned(),
+            key: key.to_owned(),
+            process: None,
+        };
+        collector.restart();
+        collector
+    }
+
+    /// Starts a collector inside network namespace `netns`, on its loopback port 9400. Only
+    /// [`Self::fleet`] reaches it from outside (through `fleet-sign status` run in there).
+    pub fn start_in_netns(netns: &str, database: &Path, from: &str, key: &str) -> Self {
+        let mut collector = Self {
+            program: None,
+            netns: Some(netns.to_owned()),
+            url: String::new(),
+            listen: "127.0.0.1:9400".to_owned(),
             database: database.to_owned(),
             from: from.to_owned(),
             key: key.to_owned(),
@@ -58,6 +78,13 @@ impl Collector {
             Some(program) => std::process::Command::new(program),
             None => command("fleet-sign"),
         };
+        if let Some(netns) = &self.netns {
+            let inner = c;
+            c = std::process::Command::new("ip");
+            c.args(["netns", "exec", netns])
+                .arg(inner.get_program())
+                .envs(inner.get_envs().filter_map(|(k, v)| Some((k, v?))));
+        }
         c.args(["collect", "--fleet", "home", "--listen", &self.listen])
             .arg("--database")
             .arg(&self.database)
@@ -96,8 +123,17 @@ impl Collector {
         request(&self.url, "GET", path, &[], b"")
     }
 
-    /// The fleet view as JSON.
+    /// The fleet view as JSON (from inside the namespace through `fleet-sign status --json`
+    /// when the collector runs in one).
     pub fn fleet(&self) -> serde_json::Value {
+        if let Some(netns) = &self.netns {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", netns])
+                .arg(crate::binary("fleet-sign"))
+                .args(["status", "--json", "--collector", &self.url]);
+            let out = crate::run(c);
+            return serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+        }
         let (status, body) = self.get("/v1/fleet");
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap()

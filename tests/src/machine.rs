@@ -254,6 +254,11 @@ impl Machine {
         }
     }
 
+    /// The machine's network namespace.
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
     /// Writes a file into the machine's disk (works booted or not; not for `/run`).
     pub fn write(&self, path: &str, text: &str) {
         write(&self.root, path, text, 0o644);

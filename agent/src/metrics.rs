@@ -5,22 +5,12 @@
 //! scrape never reads half a file.
 
 use crate::report::Report;
+use crate::state::PHASES;
 use std::fmt::Write as _;
 use std::path::Path;
 
 /// The metrics file's name.
 pub const METRICS_FILE: &str = "fleet-agent.prom";
-
-/// The phases, for the phase state set (one series each, the current one at 1).
-const PHASES: [&str; 7] = [
-    "idle",
-    "realising",
-    "trial",
-    "health",
-    "booting",
-    "committing",
-    "rolling-back",
-];
 
 /// How long the steps of the last deploy took, in seconds.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -55,7 +55,37 @@ pub enum Phase {
     },
 }
 
+/// Every phase's name, in cycle order (the metrics' phase state sets list them all).
+pub const PHASES: [&str; 7] = [
+    "idle",
+    "realising",
+    "trial",
+    "health",
+    "booting",
+    "committing",
+    "rolling-back",
+];
+
 impl Phase {
+    /// The release and candidate the phase is about (none when idle).
+    pub fn about(&self) -> Option<(u64, &str)> {
+        match self {
+            Self::Idle => None,
+            Self::Realising { serial, toplevel }
+            | Self::Trial {
+                serial, toplevel, ..
+            }
+            | Self::Health {
+                serial, toplevel, ..
+            }
+            | Self::Booting { serial, toplevel }
+            | Self::Committing { serial, toplevel }
+            | Self::RollingBack {
+                serial, toplevel, ..
+            } => Some((*serial, toplevel.as_str())),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::Idle => "idle",

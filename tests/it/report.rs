@@ -70,6 +70,15 @@ fn report_to_with(
     metrics.join("fleet-agent.prom")
 }
 
+/// A collector for a paper fleet, its database in `dir`.
+fn paper_collector(dir: &fleet_tests::TestDir, paper: &PaperFleet) -> Collector {
+    Collector::start(
+        &dir.join("fleet.db"),
+        &paper.channel_dir.display().to_string(),
+        &paper.release_public_key(),
+    )
+}
+
 fn events(history: &[serde_json::Value]) -> Vec<String> {
     history
         .iter()
@@ -290,11 +299,7 @@ fn reports_wait_on_disk_while_the_collector_is_down_and_arrive_in_order() {
 fn forged_replayed_cross_host_oversized_and_malformed_reports_change_nothing() {
     let dir = fleet_tests::TestDir::new();
     let paper = PaperFleet::new(dir.path(), 2);
-    let collector = Collector::start(
-        &dir.join("fleet.db"),
-        &paper.channel_dir.display().to_string(),
-        &paper.release_public_key(),
-    );
+    let collector = paper_collector(&dir, &paper);
     let (body, signature) = paper.report(0, 100);
     let (status, answer) = collector.post(&body, Some(&signature));
     assert_eq!(status, 200, "{answer}");
@@ -490,11 +495,7 @@ fn many_hosts_reporting_at_once_are_all_stored() {
     let dir = fleet_tests::TestDir::new();
     let hosts = 200;
     let paper = std::sync::Arc::new(PaperFleet::new(dir.path(), hosts));
-    let collector = Collector::start(
-        &dir.join("fleet.db"),
-        &paper.channel_dir.display().to_string(),
-        &paper.release_public_key(),
-    );
+    let collector = paper_collector(&dir, &paper);
     let threads = 16;
     let rounds = 5u64;
     let senders: Vec<_> = (0..threads)
@@ -539,11 +540,7 @@ fn many_hosts_reporting_at_once_are_all_stored() {
 fn a_release_with_new_keys_is_adopted_and_an_older_one_is_not() {
     let dir = fleet_tests::TestDir::new();
     let paper = PaperFleet::new(dir.path(), 1);
-    let collector = Collector::start(
-        &dir.join("fleet.db"),
-        &paper.channel_dir.display().to_string(),
-        &paper.release_public_key(),
-    );
+    let collector = paper_collector(&dir, &paper);
     let (body, signature) = paper.report(0, 1);
     assert_eq!(collector.post(&body, Some(&signature)).0, 200);
 
@@ -718,11 +715,7 @@ fn a_host_in_safe_mode_says_so_instead_of_falling_silent() {
 fn a_host_sending_too_fast_is_held_to_its_rate_and_others_are_not() {
     let dir = fleet_tests::TestDir::new();
     let paper = PaperFleet::new(dir.path(), 2);
-    let collector = Collector::start(
-        &dir.join("fleet.db"),
-        &paper.channel_dir.display().to_string(),
-        &paper.release_public_key(),
-    );
+    let collector = paper_collector(&dir, &paper);
     let mut accepted = 0;
     let mut limited = 0;
     for counter in 1..=90 {

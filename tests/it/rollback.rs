@@ -183,7 +183,8 @@ fn a_failed_realise_is_retried_although_the_channel_did_not_change() {
     let url = fleet.channel_url(Channel::Http);
     host.write_config(
         &fleet.settings(&keys, 1, &url),
-        "poll_interval = \"1s\"\nmax_backoff = \"1s\"",
+        // Enough attempts that a slow machine cannot use them all up before the cache is back.
+        "poll_interval = \"1s\"\nmax_backoff = \"1s\"\nmax_attempts = 1000",
         "",
     );
     let log = std::fs::File::create(host.root.join("agent.log")).unwrap();

@@ -3,7 +3,7 @@
 use super::load_config;
 use fleet_agent::nix::resolve_link;
 use fleet_agent::report::queue::Queue;
-use fleet_agent::state::{Phase, Runtime, StateFile};
+use fleet_agent::state::{Runtime, StateFile};
 use std::path::Path;
 
 fn time(unix: u64) -> String {
@@ -25,15 +25,10 @@ pub fn run(path: &Path, json: bool) -> u8 {
         Ok(state) => (state, None),
         Err(e) => (None, Some(e.to_string())),
     };
-    let candidate = state.as_ref().and_then(|s| match &s.phase {
-        Phase::Idle => None,
-        Phase::Realising { toplevel, .. }
-        | Phase::Trial { toplevel, .. }
-        | Phase::Health { toplevel, .. }
-        | Phase::Booting { toplevel, .. }
-        | Phase::Committing { toplevel, .. }
-        | Phase::RollingBack { toplevel, .. } => Some(toplevel.clone()),
-    });
+    let candidate = state
+        .as_ref()
+        .and_then(|s| s.phase.about().map(|(_, toplevel)| toplevel.to_owned()));
+
     let queued = config.report.as_ref().map(|settings| {
         Queue::new(&config.state_dir, settings.queue_limit)
             .counters()

@@ -30,18 +30,7 @@ impl Agent {
     /// Realise → trial → health → commit, or rollback.
     pub(crate) async fn apply(&mut self, verified: &VerifiedRelease, toplevel: &str) -> Outcome {
         let serial = verified.serial();
-        let count = self
-            .state
-            .attempts
-            .as_ref()
-            .filter(|a| a.serial == serial && a.toplevel == toplevel)
-            .map_or(0, |a| a.count)
-            + 1;
-        self.state.attempts = Some(Attempts {
-            serial,
-            toplevel: toplevel.to_owned(),
-            count,
-        });
+        self.count_attempt(serial, toplevel);
         let phase = Phase::Realising {
             serial,
             toplevel: toplevel.to_owned(),
@@ -304,9 +293,8 @@ impl Agent {
         crate::nix::resolve_link(&self.config.current_system).as_deref() == Some(toplevel)
     }
 
-    /// Counts a resumed trial as an attempt: a candidate that keeps killing the agent must not
-    /// be resumed forever. Returns whether another attempt is allowed.
-    fn resume_attempt(&mut self, serial: u64, toplevel: &str) -> bool {
+    /// Counts one more attempt at this release; returns the count.
+    fn count_attempt(&mut self, serial: u64, toplevel: &str) -> u32 {
         let count = self
             .state
             .attempts
@@ -319,7 +307,13 @@ impl Agent {
             toplevel: toplevel.to_owned(),
             count,
         });
-        count <= self.config.max_attempts
+        count
+    }
+
+    /// Counts a resumed trial as an attempt: a candidate that keeps killing the agent must not
+    /// be resumed forever. Returns whether another attempt is allowed.
+    fn resume_attempt(&mut self, serial: u64, toplevel: &str) -> bool {
+        self.count_attempt(serial, toplevel) <= self.config.max_attempts
     }
 
     /// Resumes a trial the agent was restarted in: waits for a switch still running in its

@@ -229,21 +229,9 @@ impl Agent {
 
     /// The host's state as a report (without counter and time: the reporter sets those).
     pub fn snapshot(&self, event: Event) -> Report {
-        let (target, candidate) = match &self.state.phase {
-            Phase::Idle => (None, None),
-            Phase::Realising { serial, toplevel }
-            | Phase::Trial {
-                serial, toplevel, ..
-            }
-            | Phase::Health {
-                serial, toplevel, ..
-            }
-            | Phase::Booting { serial, toplevel }
-            | Phase::Committing { serial, toplevel }
-            | Phase::RollingBack {
-                serial, toplevel, ..
-            } => (Some(*serial), Some(toplevel.clone())),
-        };
+        let about = self.state.phase.about();
+        let target = about.map(|(serial, _)| serial);
+        let candidate = about.map(|(_, toplevel)| toplevel.to_owned());
         let store_path = |path: Option<String>| path.filter(|p| StorePath::parse(p).is_ok());
         Report {
             format: REPORT_FORMAT,
@@ -301,21 +289,11 @@ impl Agent {
 
     /// Moves to `phase` and saves; logs one line per transition.
     pub(crate) fn transition(&mut self, phase: Phase) -> Result<(), StateError> {
-        let (serial, store_path) = match &phase {
-            Phase::Idle => (None, None),
-            Phase::Realising { serial, toplevel }
-            | Phase::Trial {
-                serial, toplevel, ..
-            }
-            | Phase::Health {
-                serial, toplevel, ..
-            }
-            | Phase::Booting { serial, toplevel }
-            | Phase::Committing { serial, toplevel }
-            | Phase::RollingBack {
-                serial, toplevel, ..
-            } => (Some(*serial), Some(toplevel.clone())),
-        };
+        let about = phase.about();
+        let (serial, store_path) = (
+            about.map(|(serial, _)| serial),
+            about.map(|(_, toplevel)| toplevel.to_owned()),
+        );
         log::info!(
             phase = phase.name(),
             serial = serial.map(|s| s.to_string()).unwrap_or_default().as_str(),

@@ -4,6 +4,7 @@
 use super::Collector;
 use anyhow::Result;
 use fleet_agent::report::Report;
+use fleet_agent::state::PHASES;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -115,16 +116,6 @@ fn label(value: &str) -> String {
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
-
-const PHASES: [&str; 7] = [
-    "idle",
-    "realising",
-    "trial",
-    "health",
-    "booting",
-    "committing",
-    "rolling-back",
-];
 
 /// The fleet in Prometheus' text format.
 pub fn metrics(collector: &Collector, now: u64) -> Result<String> {

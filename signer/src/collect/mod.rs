@@ -108,7 +108,10 @@ impl Collector {
     }
 
     pub fn known(&self) -> Option<Arc<Known>> {
-        self.known.read().expect("not poisoned").clone()
+        self.known
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Takes a release from the channel if it verifies and is not older than the one known.
@@ -144,7 +147,11 @@ impl Collector {
             verified.serial(),
             verified.release().hosts.len()
         );
-        *self.known.write().expect("not poisoned") = Some(Arc::new(Known::new(verified)));
+        *self
+            .known
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(Arc::new(Known::new(verified)));
         Ok(true)
     }
 
@@ -163,7 +170,10 @@ impl Collector {
     }
 
     pub fn counts(&self) -> BTreeMap<&'static str, u64> {
-        self.counts.lock().expect("not poisoned").clone()
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Checks a report and stores it.
@@ -212,15 +222,20 @@ impl Collector {
         if !self.take_token(&report.host) {
             return reject(ReportRejection::RateLimited(report.host));
         }
-        let text = std::str::from_utf8(body).expect("parsed as JSON, so UTF-8");
-        let stored = self.db.lock().expect("not poisoned").store(
-            &report.host,
-            &key.to_string(),
-            report.counter,
-            now,
-            peer,
-            text,
-        );
+        let text = std::str::from_utf8(body)
+            .map_err(|e| Refusal::Rejected(ReportRejection::Malformed(e.to_string())))?;
+        let stored = self
+            .db
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .store(
+                &report.host,
+                &key.to_string(),
+                report.counter,
+                now,
+                peer,
+                text,
+            );
         match stored {
             Ok(Stored::Accepted) => Ok(report),
             Ok(Stored::Replay { last }) => reject(ReportRejection::Replay {
@@ -235,7 +250,10 @@ impl Collector {
     /// A token bucket per host: only verified reports spend tokens, so nobody can use up
     /// another host's budget with junk.
     fn take_token(&self, host: &str) -> bool {
-        let mut buckets = self.buckets.lock().expect("not poisoned");
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
         let bucket = buckets.entry(host.to_owned()).or_insert(Bucket {
             tokens: RATE_BURST,
@@ -253,10 +271,16 @@ impl Collector {
     }
 
     pub fn latest(&self) -> Result<Vec<db::Latest>> {
-        self.db.lock().expect("not poisoned").latest()
+        self.db
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .latest()
     }
 
     pub fn history(&self, host: &str) -> Result<Vec<(u64, u64, String)>> {
-        self.db.lock().expect("not poisoned").history(host)
+        self.db
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .history(host)
     }
 }

@@ -57,7 +57,16 @@ pub fn serve(server: Arc<tiny_http::Server>, collector: Arc<Collector>, workers:
             let collector = collector.clone();
             std::thread::spawn(move || loop {
                 match server.recv() {
-                    Ok(request) => handle(&collector, request),
+                    Ok(request) => {
+                        // A bug in one request must not take a worker away for good.
+                        let handled =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                handle(&collector, request)
+                            }));
+                        if handled.is_err() {
+                            log::error!("a request handler panicked; the worker goes on");
+                        }
+                    }
                     Err(e) => {
                         log::error!("collector listener failed: {e}");
                         return;

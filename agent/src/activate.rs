@@ -111,6 +111,15 @@ impl Activator {
     /// Asks systemd to reboot the machine. It only queues the job (`--no-block`): a client that
     /// waited would be stopped with the agent's own unit on the way down.
     pub async fn reboot(&self) -> Result<(), ProcessError> {
+        if !self.use_systemd {
+            // Never reboot a machine the agent does not run under systemd on (a test machine).
+            return Err(ProcessError::Spawn {
+                command: "systemctl reboot".into(),
+                source: std::io::Error::other(
+                    "reboots need systemd as PID 1 and activation.mode \"auto\" or \"systemd-run\"",
+                ),
+            });
+        }
         let mut command = Command::new("systemctl");
         command.args(["reboot", "--no-block"]);
         process::run(command, Duration::from_secs(60), &CancellationToken::new())

@@ -157,6 +157,58 @@ pub struct RawActivation {
     /// unhealthy).
     #[serde(default)]
     pub reboot: RebootPolicy,
+    /// With reboot = "auto": when such reboots may happen, "HH:MM-HH:MM" in UTC (it may wrap
+    /// midnight); default: any time.
+    pub reboot_window: Option<String>,
+}
+
+/// A daily window in UTC, `[start, end)` in seconds of the day; it wraps midnight when start is
+/// after end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DailyWindow {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl DailyWindow {
+    /// Parses "HH:MM-HH:MM".
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || format!("'{text}' is not a window of the form \"HH:MM-HH:MM\" (UTC)");
+        let minutes = |t: &str| -> Option<u32> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60).then_some(h * 3600 + m * 60)
+        };
+        let (start, end) = text.split_once('-').ok_or_else(bad)?;
+        let (start, end) = (
+            minutes(start).ok_or_else(bad)?,
+            minutes(end).ok_or_else(bad)?,
+        );
+        if start == end {
+            return Err(format!("window '{text}' is empty"));
+        }
+        Ok(Self { start, end })
+    }
+
+    /// Whether the Unix time `now` falls in the window.
+    pub fn contains(&self, now: u64) -> bool {
+        let t = (now % 86_400) as u32;
+        if self.start < self.end {
+            self.start <= t && t < self.end
+        } else {
+            t >= self.start || t < self.end
+        }
+    }
+
+    /// When the window next opens after `now` (Unix time).
+    pub fn next_open(&self, now: u64) -> u64 {
+        let opens = now - now % 86_400 + u64::from(self.start);
+        if opens > now {
+            opens
+        } else {
+            opens + 86_400
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -173,6 +225,7 @@ impl Default for RawActivation {
             mode: ActivationMode::Auto,
             timeout: default_switch_timeout(),
             reboot: RebootPolicy::Never,
+            reboot_window: None,
         }
     }
 }
@@ -524,6 +577,7 @@ pub struct Config {
     pub activation_mode: ActivationMode,
     pub switch_timeout: Duration,
     pub reboot: RebootPolicy,
+    pub reboot_window: Option<DailyWindow>,
     pub health_window: Duration,
     pub health_interval: Duration,
     pub no_failed_units: bool,
@@ -676,6 +730,21 @@ impl Config {
         if raw.report.queue_limit == 0 {
             problems.push("report.queue_limit must be at least 1".into());
         }
+        let reboot_window = match &raw.activation.reboot_window {
+            Some(text) => match DailyWindow::parse(text) {
+                Ok(window) => Some(window),
+                Err(e) => {
+                    problems.push(format!("activation.reboot_window: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        if reboot_window.is_some() && raw.activation.reboot != RebootPolicy::Auto {
+            problems.push(
+                "activation.reboot_window applies only with activation.reboot = \"auto\"".into(),
+            );
+        }
         if let Some(dir) = raw.paths.metrics_dir.as_ref().filter(|d| !d.is_absolute()) {
             problems.push(format!(
                 "paths.metrics_dir '{}' must be absolute",
@@ -705,6 +774,7 @@ impl Config {
             activation_mode: raw.activation.mode,
             switch_timeout: raw.activation.timeout,
             reboot: raw.activation.reboot,
+            reboot_window,
             health_window: raw.health.window,
             health_interval: raw.health.interval,
             no_failed_units: raw.health.no_failed_units,

@@ -82,6 +82,65 @@ fn a_new_kernel_is_committed_and_flagged_as_needing_a_reboot() {
 }
 
 #[test]
+fn a_new_kernel_with_reboot_auto_waits_for_its_window_and_never_reboots_without_systemd() {
+    let mut fleet = Fleet::new(&["a"]);
+    let host = fleet.host("a", Channel::Directory);
+    let v1 = fleet.fleet.build("a");
+    fleet.fleet.set("a", |h| {
+        h.version = "2".into();
+        h.kernel = "6.6.1".into();
+    });
+    fleet.fleet.commit("a: new kernel");
+    fleet.release(&[]).ok();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let hhmm = |t: u64| format!("{:02}:{:02}", t % 86_400 / 3600, t % 3600 / 60);
+    let with_window = |window: &str| {
+        let text = std::fs::read_to_string(&host.config_path).unwrap();
+        let text = text.replacen(
+            "mode = \"direct\"",
+            &format!("mode = \"direct\"\nreboot = \"auto\"\nreboot_window = \"{window}\""),
+            1,
+        );
+        std::fs::write(&host.config_path, text).unwrap();
+    };
+    // A window that opens in two hours: the release waits, untouched, poll after poll.
+    let opens = now + 7200;
+    with_window(&format!("{}-{}", hhmm(opens), hhmm(opens + 3600)));
+    for _ in 0..4 {
+        let (code, outcome) = host.once_outcome();
+        assert_eq!(code, Some(0), "{outcome}");
+        assert_eq!(outcome["outcome"], "waiting", "{outcome}");
+        assert_eq!(outcome["not_before"], opens - opens % 60, "{outcome}");
+    }
+    host.assert_on(&v1);
+    assert!(host.switch_calls().is_empty(), "{:?}", host.switch_calls());
+    let state = host.state();
+    assert_eq!(state["phase"]["phase"], "idle");
+    assert_eq!(state["bad"], serde_json::Value::Null, "{state}");
+
+    // The window is open, but this host has no systemd: the agent refuses to reboot it and goes
+    // back to where it was.
+    let text = std::fs::read_to_string(&host.config_path).unwrap();
+    let start = text.find("reboot_window").unwrap();
+    let end = start + text[start..].find('\n').unwrap();
+    let text = format!(
+        "{}reboot_window = \"{}-{}\"{}",
+        &text[..start],
+        hhmm(now + 86_400 - 3600),
+        hhmm(now + 3600),
+        &text[end..]
+    );
+    std::fs::write(&host.config_path, text).unwrap();
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(code, Some(4), "{outcome}");
+    assert_eq!(outcome["code"], "reboot_failed", "{outcome}");
+    host.assert_on(&v1);
+}
+
+#[test]
 fn the_daemon_polls_at_once_on_poll_now_and_stops_on_sigterm() {
     let mut fleet = Fleet::new(&["a"]);
     let host = fleet.host("a", Channel::Http);

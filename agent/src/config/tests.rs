@@ -143,3 +143,29 @@ fn physical_paths_follow_the_store_root() {
         Path::new("/srv/h1/store/nix/store/abc-system")
     );
 }
+
+#[test]
+fn reboot_windows_wrap_midnight_and_say_when_they_open() {
+    use crate::config::DailyWindow;
+    let day = 1_790_000_000 - 1_790_000_000 % 86_400;
+    let at = |h: u64, m: u64| day + h * 3600 + m * 60;
+    let night = DailyWindow::parse("02:00-04:30").unwrap();
+    assert!(night.contains(at(2, 0)) && night.contains(at(4, 29)));
+    assert!(!night.contains(at(4, 30)) && !night.contains(at(1, 59)));
+    assert_eq!(night.next_open(at(1, 0)), at(2, 0));
+    assert_eq!(night.next_open(at(3, 0)), at(26, 0));
+    let wrapping = DailyWindow::parse("23:00-01:00").unwrap();
+    assert!(wrapping.contains(at(23, 30)) && wrapping.contains(at(24, 30)));
+    assert!(!wrapping.contains(at(12, 0)));
+    assert_eq!(wrapping.next_open(at(12, 0)), at(23, 0));
+    for bad in [
+        "",
+        "2-4",
+        "24:00-01:00",
+        "01:00-01:00",
+        "01:60-02:00",
+        "01:00",
+    ] {
+        assert!(DailyWindow::parse(bad).is_err(), "{bad}");
+    }
+}

@@ -129,6 +129,21 @@ impl Agent {
                 crate::nix::resolve_link(&self.config.booted_system).map(|b| self.nix.physical(&b));
             let parts = reboot_parts(&candidate, booted.as_deref());
             if !parts.is_empty() {
+                if let Some(waiting) = self.outside_reboot_window(serial) {
+                    // Nothing was touched; the realised candidate stays rooted for the window.
+                    if let Outcome::Waiting { not_before, .. } = &waiting {
+                        log::info!(serial = serial.to_string().as_str(); "release {serial} changes {} and needs a reboot: waiting for the reboot window (opens at {not_before})", parts.join(", "));
+                    }
+                    if let Some(attempts) = &mut self.state.attempts {
+                        attempts.count = attempts.count.saturating_sub(1);
+                    }
+                    self.awaiting_window = Some((serial, toplevel.to_owned()));
+                    if let Err(e) = self.transition(Phase::Idle) {
+                        log::error!("{e}");
+                    }
+                    return waiting;
+                }
+                self.awaiting_window = None;
                 return self.boot_into(serial, toplevel, &parts).await;
             }
         }

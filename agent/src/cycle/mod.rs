@@ -159,6 +159,9 @@ pub struct Agent {
     pub(crate) durations: Durations,
     /// The last cycle's outcome name, and what made it news (see [`Outcome::news`]).
     last_outcome: Option<(&'static str, String)>,
+    /// A release known to need a reboot (serial, toplevel), realised and waiting for the
+    /// reboot window: not realised again at every poll.
+    pub(crate) awaiting_window: Option<(u64, String)>,
 }
 
 /// Why the agent cannot start.
@@ -215,6 +218,7 @@ impl Agent {
             last_health: Vec::new(),
             durations: Durations::default(),
             last_outcome: None,
+            awaiting_window: None,
         })
     }
 
@@ -464,6 +468,19 @@ impl Agent {
         }
     }
 
+    /// `Waiting` until the reboot window opens, when there is a window and it is closed now.
+    pub(crate) fn outside_reboot_window(&self, serial: u64) -> Option<Outcome> {
+        let window = self.config.reboot_window?;
+        let now = now(self.state.time_floor);
+        if window.contains(now) {
+            return None;
+        }
+        Some(Outcome::Waiting {
+            serial,
+            not_before: window.next_open(now),
+        })
+    }
+
     /// Decides what a verified release means for this host, and applies it when needed.
     async fn decide(&mut self, verified: VerifiedRelease) -> Outcome {
         let serial = verified.serial();
@@ -493,6 +510,11 @@ impl Agent {
         if let Some(not_before) = entry.not_before.filter(|t| *t > now) {
             log::info!(serial = serial.to_string().as_str(); "release {serial} waits until {not_before} for this host");
             return Outcome::Waiting { serial, not_before };
+        }
+        if self.awaiting_window.as_ref() == Some(&(serial, toplevel.clone())) {
+            if let Some(waiting) = self.outside_reboot_window(serial) {
+                return waiting;
+            }
         }
         let tried = self
             .state

@@ -142,6 +142,9 @@ impl Nix {
             command.args(["--option", "extra-substituters", &substituters.join(" ")]);
         }
         command.args(["--option", "stalled-download-timeout", "60"]);
+        // Nix remembers a path a cache did not have for an hour by default: a host that polled
+        // before CI finished pushing the closure would then fail for that hour. Ask again.
+        command.args(["--option", "narinfo-cache-negative-ttl", "0"]);
         match process::run(command, timeout, cancel).await {
             Ok(_) => Ok(()),
             Err(error) => {

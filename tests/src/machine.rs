@@ -207,19 +207,6 @@ impl Machine {
         for sub in ["upper", "work", "root"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
-        let root = dir.join("root");
-        must(
-            Command::new("mount")
-                .args(["-t", "overlay", "overlay", "-o"])
-                .arg(format!(
-                    "lowerdir={},upperdir={},workdir={}",
-                    image.display(),
-                    dir.join("upper").display(),
-                    dir.join("work").display()
-                ))
-                .arg(&root),
-            "mount the machine's overlay",
-        );
         // Unique per machine: tests boot machines of the same name side by side.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let netns = format!(
@@ -235,6 +222,20 @@ impl Machine {
         must(
             Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]),
             "loopback up",
+        );
+        // Mounted last: a setup that fails before leaves no mount behind (Drop never runs then).
+        let root = dir.join("root");
+        must(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o"])
+                .arg(format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    image.display(),
+                    dir.join("upper").display(),
+                    dir.join("work").display()
+                ))
+                .arg(&root),
+            "mount the machine's overlay",
         );
         write(&root, "/etc/hostname", &format!("{name}\n"), 0o644);
         // Per machine, so the fixture's settings can change without rebuilding the image.

@@ -41,9 +41,20 @@ impl Collector {
         from: &str,
         key: &str,
     ) -> Self {
+        Self::launch(program, None, listen, database, from, key)
+    }
+
+    fn launch(
+        program: Option<PathBuf>,
+        netns: Option<&str>,
+        listen: &str,
+        database: &Path,
+        from: &str,
+        key: &str,
+    ) -> Self {
         let mut collector = Self {
             program,
-            netns: None,
+            netns: netns.map(str::to_owned),
             url: String::new(),
             listen: listen.to_owned(),
             database: database.to_owned(),
@@ -58,18 +69,7 @@ impl Collector {
     /// Starts a collector inside network namespace `netns`, on its loopback port 9400. Only
     /// [`Self::fleet`] reaches it from outside (through `fleet-sign status` run in there).
     pub fn start_in_netns(netns: &str, database: &Path, from: &str, key: &str) -> Self {
-        let mut collector = Self {
-            program: None,
-            netns: Some(netns.to_owned()),
-            url: String::new(),
-            listen: "127.0.0.1:9400".to_owned(),
-            database: database.to_owned(),
-            from: from.to_owned(),
-            key: key.to_owned(),
-            process: None,
-        };
-        collector.restart();
-        collector
+        Self::launch(None, Some(netns), "127.0.0.1:9400", database, from, key)
     }
 
     /// Starts the process again (on the same address once it had one).

@@ -330,11 +330,6 @@ impl Machine {
         run(command)
     }
 
-    /// Runs a shell script inside the machine.
-    pub fn sh(&self, script: &str) -> Run {
-        self.exec(&["/bin/sh", "-c", script])
-    }
-
     /// Reads a file inside the booted machine (also `/run`).
     pub fn read(&self, path: &str) -> Option<String> {
         let out = self.exec(&["cat", path]);

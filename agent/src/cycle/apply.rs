@@ -233,18 +233,7 @@ impl Agent {
         if let Err(e) = self.transition(phase) {
             return self.fail("state_write", e.to_string(), Some(serial));
         }
-        if let Err(e) = self
-            .nix
-            .set_profile(&self.config.system_profile, toplevel, &self.cancel)
-            .await
-        {
-            let reason = format!("cannot set the system profile to {toplevel}: {e}");
-            return self
-                .rollback(serial, toplevel, "commit_failed", &reason)
-                .await;
-        }
-        if let Err(e) = self.activator.switch(toplevel, Action::Boot).await {
-            let reason = format!("switch-to-configuration boot of release {serial} failed: {e}");
+        if let Err(reason) = self.make_boot_default(serial, toplevel).await {
             return self
                 .rollback(serial, toplevel, "commit_failed", &reason)
                 .await;
@@ -404,6 +393,20 @@ impl Agent {
         self.check(serial, &toplevel, failed_before).await
     }
 
+    /// Points the system profile at `toplevel` and makes it the boot default; the reason when
+    /// either fails.
+    async fn make_boot_default(&mut self, serial: u64, toplevel: &str) -> Result<(), String> {
+        self.nix
+            .set_profile(&self.config.system_profile, toplevel, &self.cancel)
+            .await
+            .map_err(|e| format!("cannot set the system profile to {toplevel}: {e}"))?;
+        failpoint::hit("after-profile-set");
+        self.activator
+            .switch(toplevel, Action::Boot)
+            .await
+            .map_err(|e| format!("switch-to-configuration boot of release {serial} failed: {e}"))
+    }
+
     /// Sets the profile and the boot default to the healthy candidate.
     async fn commit(&mut self, serial: u64, toplevel: &str) -> Outcome {
         let phase = Phase::Committing {
@@ -416,19 +419,7 @@ impl Agent {
                 .rollback(serial, toplevel, "state_write", &e.to_string())
                 .await;
         }
-        if let Err(e) = self
-            .nix
-            .set_profile(&self.config.system_profile, toplevel, &self.cancel)
-            .await
-        {
-            let reason = format!("cannot set the system profile to {toplevel}: {e}");
-            return self
-                .rollback(serial, toplevel, "commit_failed", &reason)
-                .await;
-        }
-        failpoint::hit("after-profile-set");
-        if let Err(e) = self.activator.switch(toplevel, Action::Boot).await {
-            let reason = format!("switch-to-configuration boot of release {serial} failed: {e}");
+        if let Err(reason) = self.make_boot_default(serial, toplevel).await {
             return self
                 .rollback(serial, toplevel, "commit_failed", &reason)
                 .await;

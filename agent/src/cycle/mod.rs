@@ -278,6 +278,9 @@ impl Agent {
 
     /// Tells the world the host's state: queues a report and rewrites the metrics file.
     pub fn publish(&self, event: Event) {
+        if self.reporter.is_none() && self.config.metrics_dir.is_none() {
+            return;
+        }
         let report = self.snapshot(event);
         let queued = self.reporter.as_ref().map(|reporter| {
             reporter.push(report.clone());

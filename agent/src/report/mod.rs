@@ -170,6 +170,17 @@ impl Reporter {
         Ok(delivered)
     }
 
+    /// When the heartbeat is due: the heartbeat interval after the last report pushed (none is
+    /// due before the first).
+    fn next_heartbeat(&self) -> Instant {
+        let latest = self.latest.lock().expect("not poisoned");
+        latest
+            .as_ref()
+            .map_or(Instant::now() + self.heartbeat, |(_, at)| {
+                *at + self.heartbeat
+            })
+    }
+
     /// The sender: delivers what is queued, backing off while the collector cannot be reached,
     /// and repeats the latest report as a heartbeat when nothing was pushed for a while.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
@@ -177,14 +188,9 @@ impl Reporter {
         let mut retry_at = Instant::now();
         loop {
             let now = Instant::now();
-            let heartbeat_due = {
-                let latest = self.latest.lock().expect("not poisoned");
-                latest
-                    .as_ref()
-                    .map(|(report, at)| (report.clone(), *at + self.heartbeat))
-            };
-            if let Some((mut report, due)) = heartbeat_due.clone() {
-                if now >= due {
+            if now >= self.next_heartbeat() {
+                let latest = self.latest.lock().expect("not poisoned").clone();
+                if let Some((mut report, _)) = latest {
                     report.event = Event::Heartbeat;
                     self.push(report);
                 }
@@ -216,18 +222,10 @@ impl Reporter {
                 }
             }
             let pending = !self.queue.counters().unwrap_or_default().is_empty();
-            let next_heartbeat = self
-                .latest
-                .lock()
-                .expect("not poisoned")
-                .as_ref()
-                .map_or(Instant::now() + self.heartbeat, |(_, at)| {
-                    *at + self.heartbeat
-                });
             let wake_at = if pending && failures > 0 {
-                next_heartbeat.min(retry_at)
+                self.next_heartbeat().min(retry_at)
             } else {
-                next_heartbeat
+                self.next_heartbeat()
             };
             tokio::select! {
                 () = tokio::time::sleep_until(wake_at.into()) => {}

@@ -73,6 +73,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     fleet_agent::logging::init("fleet-agent", cli.verbose);
+    // Commands that print and exit end quietly when their reader goes (`status | head`); the
+    // daemon and the cycle keep Rust's default (SIGPIPE ignored, a failed write is an error).
+    if matches!(
+        cli.command,
+        Command::Status { .. } | Command::CheckConfig { .. } | Command::Identity
+    ) {
+        sigpipe::reset();
+    }
     let code = match cli.command {
         Command::Run => command::run::run(&cli.config),
         Command::Once { json } => command::once::run(&cli.config, json),

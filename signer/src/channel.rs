@@ -47,6 +47,16 @@ impl Channel {
             .map_err(anyhow::Error::msg)
     }
 
+    /// The same channel with a relative directory taken as relative to `base`.
+    pub fn relative_to(self, base: &Path) -> Self {
+        match self.0 {
+            ChannelSpec::Directory(dir) if dir.is_relative() => {
+                Self(ChannelSpec::Directory(base.join(dir)))
+            }
+            spec => Self(spec),
+        }
+    }
+
     /// The release the channel holds now, or `None` when it holds none yet.
     pub fn read(&self) -> Result<Option<Published>> {
         match &self.0 {

@@ -163,9 +163,47 @@ impl Loaded {
                 "no channel: give --channel or set channels in fleet.toml",
             ));
         }
-        texts
-            .iter()
-            .map(|c| Channel::parse(c).map_err(|e| crate::usage(format!("{e:#}"))))
-            .collect()
+        if flags.is_empty() {
+            texts.iter().map(|c| self.channel(c)).collect()
+        } else {
+            texts.iter().map(|c| parse_channel(c)).collect()
+        }
     }
+
+    /// A channel written in the file: a relative directory is relative to the file.
+    pub fn channel(&self, text: &str) -> Result<Channel> {
+        Ok(parse_channel(text)?.relative_to(&self.base))
+    }
+
+    /// The flake: `--flake` (relative to the working directory), else `flake` from the file
+    /// (relative to the file), else the file's directory.
+    pub fn flake(&self, flag: Option<&str>) -> Result<String> {
+        match (flag, &self.raw.flake) {
+            (Some(flag), _) => flake_ref(flag, Path::new(".")),
+            (None, Some(flake)) => flake_ref(flake, &self.base),
+            (None, None) => flake_ref(".", &self.base),
+        }
+    }
+}
+
+/// A channel from a flag, relative to the working directory.
+pub fn parse_channel(text: &str) -> Result<Channel> {
+    Channel::parse(text).map_err(|e| crate::usage(format!("{e:#}")))
+}
+
+/// A flake reference for Nix. Text without a `:` is a path, made absolute against `base`: Nix
+/// itself would read `flake` as the name of a registry entry and `./flake` relative to the
+/// working directory. Anything else (`git+https://…`, `github:…`, `path:…`) goes to Nix as is.
+pub fn flake_ref(text: &str, base: &Path) -> Result<String> {
+    if text.contains(':') {
+        return Ok(text.to_owned());
+    }
+    let path = base.join(text);
+    let absolute = path.canonicalize().map_err(|e| {
+        crate::usage(format!(
+            "flake directory {} does not exist or cannot be read: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(absolute.display().to_string())
 }

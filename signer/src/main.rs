@@ -72,6 +72,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     process::set_verbose(cli.verbose);
     fleet_agent::logging::init("fleet-sign", cli.verbose);
+    // Commands that only read and print end quietly when their reader goes (`verify | head`).
+    // The ones that publish or serve keep Rust's default (SIGPIPE ignored, so a socket or a
+    // child's pipe closing is an error, not death); they print to stdout only once published.
+    if matches!(
+        cli.command,
+        Command::Verify(_) | Command::Status(_) | Command::Keygen(_)
+    ) {
+        sigpipe::reset();
+    }
     let result = match cli.command {
         Command::Keygen(args) => command::keygen::run(args),
         Command::Release(args) => command::release::run(args),

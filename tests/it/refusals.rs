@@ -364,8 +364,13 @@ fn a_host_whose_nix_config_turns_signature_checks_off_activates_nothing() {
     fleet.fleet.commit("a: v2");
     fleet.release(&[]).ok();
     let mut command = host.agent(&["once", "--json"]);
-    let nix_config = host.env()[0].1.clone() + "\nrequire-sigs = false";
-    command.env("NIX_CONFIG", nix_config);
+    let nix_config = host
+        .env()
+        .into_iter()
+        .find(|(k, _)| k == "NIX_CONFIG")
+        .unwrap()
+        .1;
+    command.env("NIX_CONFIG", nix_config + "\nrequire-sigs = false");
     let out = run(command);
     assert_eq!(out.code, Some(1), "{out}");
     let outcome: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();

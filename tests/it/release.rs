@@ -318,3 +318,73 @@ fn a_cosigned_release_reaches_hosts_only_when_the_second_key_holder_signs() {
     ));
     assert_eq!(verified["signed_by"], serde_json::json!(["ops1", "ops2"]));
 }
+
+#[test]
+fn fleet_toml_paths_are_relative_to_the_file_wherever_fleet_sign_runs() {
+    let op = Fleet::new(&["a"]);
+    // Everything named as a path relative to fleet.toml: the flake as a bare directory name
+    // (which Nix alone would take for a registry entry), keys and a directory channel.
+    let config = op.dir.join("fleet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "fleet = \"home\"\nflake = \"fleet\"\nkeys = [\"ops1.sec\"]\n\
+             cache = \"file://{}\"\ncache_key = \"cache-1.sec\"\nchannels = [\"www\"]\n",
+            op.cache_dir.display()
+        ),
+    )
+    .unwrap();
+    let mut c = command("fleet-sign");
+    c.current_dir("/")
+        .arg("release")
+        .arg("--config")
+        .arg(&config);
+    run(c).ok();
+    let doc = op.published_json();
+    assert_eq!(doc["serial"], 1);
+    assert_eq!(doc["hosts"]["a"]["toplevel"], op.fleet.build("a"));
+
+    // A flake directory that does not exist is a usage error naming it, before any build.
+    std::fs::write(
+        &config,
+        "fleet = \"home\"\nflake = \"nowhere\"\nkeys = [\"ops1.sec\"]\ncache = \"file:///x\"\n\
+         channels = [\"www\"]\n",
+    )
+    .unwrap();
+    let mut c = command("fleet-sign");
+    c.current_dir("/")
+        .arg("release")
+        .arg("--config")
+        .arg(&config);
+    let out = run(c);
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(
+        out.stderr.contains(&format!(
+            "flake directory {} does not exist",
+            op.dir.join("nowhere").display()
+        )),
+        "{out}"
+    );
+    assert_eq!(op.published_json()["serial"], 1, "nothing was published");
+}
+
+#[test]
+fn printing_commands_end_quietly_when_their_reader_goes() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let op = Fleet::new(&["a"]);
+    op.release(&[]).ok();
+    let channel = op.channel_dir.display().to_string();
+    let key = op.release_public_key();
+    // The reader is gone before the command writes a byte: `fleet-sign verify … | head` where
+    // head has already exited.
+    let mut c = command("fleet-sign");
+    c.args(["verify", "--from", &channel, "--key", &key])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(13), "ended by SIGPIPE: {stderr}");
+}

@@ -185,6 +185,14 @@ fn reports_reach_the_collector_and_status_shows_the_fleet() {
     assert!(line("a").contains("idle"), "{table}");
     assert!(line("b").contains("failing"), "{table}");
     assert!(line("b").contains("switch_failed"), "{table}");
+    // RELEASE is the newest release a host verified, also when it rolled that release back.
+    let column = |host: &str, n: usize| line(host).split_whitespace().nth(n).unwrap().to_owned();
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("HOST  RELEASE "),
+        "{table}"
+    );
+    assert_eq!(column("a", 1), "1", "{table}");
+    assert_eq!(column("b", 1), "1", "{table}");
     assert!(!table.contains('\x1b'), "no colour when not on a terminal");
     let mut c = command("fleet-sign");
     c.args(["status", "--json", "--collector", &collector.url]);

@@ -4,7 +4,7 @@
 //! Generation 1 is copied into the host's store and set as its profile and current system, as
 //! if the host had been installed with it.
 
-use crate::nix::{nix, nix_env};
+use crate::nix::{nix, nix_env, nix_env_with};
 use crate::{binary, run, Run};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -159,10 +159,12 @@ booted_system = "{booted}"
     /// The environment the agent runs with: the test Nix config trusting this host's cache
     /// keys, and the fixture's links and log.
     pub fn env(&self) -> Vec<(String, String)> {
-        let mut nix_config = nix_env()[0].1.clone();
-        nix_config += &format!("\ntrusted-public-keys = {}", self.cache_keys.join(" "));
-        vec![
-            ("NIX_CONFIG".into(), nix_config),
+        let trust = format!("trusted-public-keys = {}", self.cache_keys.join(" "));
+        let mut env: Vec<(String, String)> = nix_env_with(&trust)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        env.extend([
             (
                 "FLEET_FIXTURE_LOG".into(),
                 self.switch_log.display().to_string(),
@@ -179,7 +181,8 @@ booted_system = "{booted}"
                 "FLEET_FIXTURE_CONTROL".into(),
                 self.control.display().to_string(),
             ),
-        ]
+        ]);
+        env
     }
 
     /// A `fleet-agent` command for this host.

@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Bump when the image recipe changes: the cache keys on it.
-const IMAGE_VERSION: &str = "bookworm-v1";
+const IMAGE_VERSION: &str = "bookworm-v2";
 const PACKAGES: &str = "systemd,systemd-sysv,dbus,libdbi-perl,nix-bin,iproute2,procps";
 
 const FIXTURE_ENV: &str = "FLEET_FIXTURE_LOG=/var/log/fleet-switch.log
@@ -72,12 +72,11 @@ TimeoutStopSec=60s
 WantedBy=multi-user.target
 ";
 
-const NIX_CONF: &str = "experimental-features = nix-command flakes
-sandbox = false
-substituters =
-flake-registry =
-require-sigs = true
-";
+/// The machines' `/etc/nix/nix.conf`: the project's Nix settings, with signature checks stated.
+const NIX_CONF: &str = concat!(
+    include_str!("../../scripts/nix/nix.conf"),
+    "require-sigs = true\n"
+);
 
 fn cache_dir() -> PathBuf {
     std::env::var_os("FLEET_MACHINE_CACHE")

@@ -5,20 +5,26 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// Environment for every Nix-using child: flakes on, no sandbox (fixtures build with
-/// `/bin/sh`), nothing reachable configured, no user or system registry.
+/// The project's own Nix settings (`scripts/nix/nix.conf`): single-user Nix as root without
+/// build users, flakes on, no sandbox (fixtures build with `/bin/sh`), nothing reachable
+/// configured, no registry. The demo uses the same file.
+pub fn nix_conf_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nix")
+}
+
+/// Environment for every Nix-using child: the project's Nix settings and none of the machine's
+/// (`/etc/nix/nix.conf` and `~/.config/nix` are not read), plus `extra` settings in `NIX_CONFIG`.
+pub fn nix_env_with(extra: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("NIX_CONF_DIR", nix_conf_dir().display().to_string()),
+        ("NIX_USER_CONF_FILES", String::new()),
+        ("NIX_CONFIG", extra.to_owned()),
+    ]
+}
+
+/// [`nix_env_with`] nothing extra.
 pub fn nix_env() -> Vec<(&'static str, String)> {
-    vec![(
-        "NIX_CONFIG",
-        [
-            "experimental-features = nix-command flakes",
-            "sandbox = false",
-            "substituters =",
-            "flake-registry =",
-            "warn-dirty = false",
-        ]
-        .join("\n"),
-    )]
+    nix_env_with("")
 }
 
 /// `nix` with the test environment.

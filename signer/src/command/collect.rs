@@ -57,14 +57,18 @@ pub fn run(args: Args) -> Result<()> {
         .fleet
         .or(config.raw.fleet.clone())
         .ok_or_else(|| crate::usage("no fleet: give --fleet or set fleet in fleet.toml"))?;
-    let from = args
-        .from
-        .or(section.channel)
-        .or(config.raw.channels.first().cloned())
-        .ok_or_else(|| {
-            crate::usage("no channel to read host keys from: give --from or set channels")
-        })?;
-    let channel = Channel::parse(&from).map_err(|e| crate::usage(format!("{e:#}")))?;
+    let channel = match (
+        &args.from,
+        section.channel.as_ref().or(config.raw.channels.first()),
+    ) {
+        (Some(from), _) => crate::config::parse_channel(from)?,
+        (None, Some(text)) => config.channel(text)?,
+        (None, None) => {
+            return Err(crate::usage(
+                "no channel to read host keys from: give --from or set channels",
+            ))
+        }
+    };
     let database = args
         .database
         .or(section.database.map(|p| config.resolve(&p)))

@@ -103,17 +103,7 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
     if !release::is_valid_name(&fleet) {
         return Err(crate::usage(format!("fleet name '{fleet}' is invalid")));
     }
-    let flake = args.flake.clone().or(config.raw.flake.clone()).map_or_else(
-        || config.base.display().to_string(),
-        |f| {
-            // A relative path in the config file is relative to the file.
-            if args.flake.is_none() && (f.starts_with("./") || f == ".") {
-                config.resolve(f.as_ref()).display().to_string()
-            } else {
-                f
-            }
-        },
-    );
+    let flake = config.flake(args.flake.as_deref())?;
     let (keys, trust) = args.signing.resolve(&config)?;
     let signing_trusted = keys
         .iter()

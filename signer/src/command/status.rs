@@ -90,7 +90,7 @@ fn is_stale(host: &HostView, now: u64, stale: Duration) -> bool {
 pub fn table(view: &FleetView, stale: Duration, color: bool) -> String {
     let mut rows = vec![[
         "HOST".to_owned(),
-        "SERIAL".to_owned(),
+        "RELEASE".to_owned(),
         "PHASE".to_owned(),
         "HEALTH".to_owned(),
         "LAST SEEN".to_owned(),
@@ -100,12 +100,16 @@ pub fn table(view: &FleetView, stale: Duration, color: bool) -> String {
     let mut marks = vec![None];
     for host in &view.hosts {
         let report = host.report.as_ref();
+        // The newest release the host verified (whether it runs what that release wants is
+        // HEALTH), or `committed→target` while it deploys.
         let serial = match report {
             Some(r) => {
-                let committed = r.committed.map_or("-".to_owned(), |s| s.to_string());
+                let show = |s: Option<u64>| s.map_or("-".to_owned(), |s| s.to_string());
                 match r.target {
-                    Some(target) if r.phase != "idle" => format!("{committed}→{target}"),
-                    _ => committed,
+                    Some(target) if r.phase != "idle" => {
+                        format!("{}→{target}", show(r.committed))
+                    }
+                    _ => show(r.accepted.or(r.committed)),
                 }
             }
             None => "-".into(),

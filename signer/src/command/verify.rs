@@ -70,7 +70,7 @@ pub fn trust_policy(
 pub fn run(args: Args) -> Result<()> {
     let config = Loaded::load(args.config.as_deref())?;
     let trust = trust_policy(&args.keys, args.threshold, &config)?;
-    let channel = Channel::parse(&args.from).map_err(|e| crate::usage(format!("{e:#}")))?;
+    let channel = crate::config::parse_channel(&args.from)?;
     let published = channel
         .read()
         .with_context(|| format!("could not read the release from {channel}"))?

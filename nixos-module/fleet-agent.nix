@@ -119,6 +119,12 @@ in
       # nix for realising, systemd-run for switching, ssh for git+ssh channels.
       path = [ config.nix.package config.systemd.package pkgs.coreutils pkgs.openssh ];
       serviceConfig = {
+        # Ready once the state is loaded; `systemctl status` shows the phase and release; a
+        # runtime thread that stops feeding the watchdog is killed and restarted, and the
+        # restarted agent resumes its cycle from the state file.
+        Type = "notify";
+        NotifyAccess = "main";
+        WatchdogSec = "3min";
         ExecStart = "${lib.getExe' cfg.package "fleet-agent"} --config /etc/fleet-agent/config.toml run";
         ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
         Restart = "always";
@@ -126,7 +132,10 @@ in
         StateDirectory = "fleet-agent";
         StateDirectoryMode = "0700";
         # A stop leaves a trial to the next start (the switch goes on in its own transient unit,
-        # a health window is run again); a stop waits only for a direct-child switch.
+        # a health window is run again). With activation.mode = "direct" the switch is the
+        # agent's own child: KillMode=mixed sends SIGTERM to the agent alone, which waits for
+        # the switch to end (within TimeoutStopSec) before it exits.
+        KillMode = "mixed";
         TimeoutStopSec = "15min";
         # No hardening that would stop it: it runs switch-to-configuration (through
         # systemd-run) and writes the system profile, which needs root and a writable /nix.

@@ -152,34 +152,98 @@ impl Activator {
             .store_root
             .join(toplevel.trim_start_matches('/'))
             .join("bin/switch-to-configuration");
-        let command = if let (true, Some(unit)) = (self.use_systemd, unit) {
-            let _ = std::fs::create_dir_all(&self.results);
-            let result = self.result_file(unit);
-            let mut command = Command::new("systemd-run");
-            command
-                .args(["--collect", "--service-type=exec", "--wait", "--quiet"])
-                .arg(format!("--unit={unit}"))
-                .arg("--property=KillMode=mixed")
-                // systemd turns "$$" into "$", so the shell reads the variables systemd sets for
-                // ExecStopPost; the result outlives the unit (--collect) and the agent.
-                .arg(format!(
-                    "--property=ExecStopPost=/bin/sh -c 'mkdir -p {} && echo \"$$SERVICE_RESULT $$EXIT_CODE $$EXIT_STATUS\" > {}'",
-                    self.results.display(),
-                    result.display()
-                ))
-                .arg("--")
-                .arg(&program)
-                .arg(action.as_str());
-            command
-        } else {
+        let Some(unit) = unit.filter(|_| self.use_systemd) else {
             let mut command = Command::new(&program);
             command.arg(action.as_str());
-            command
+            return process::run(command, self.timeout, &CancellationToken::new())
+                .await
+                .map(drop);
         };
-        process::run(command, self.timeout, &CancellationToken::new())
-            .await
-            .map(drop)
+        let result = self.result_file(unit);
+        let recorder = std::env::current_exe().map_err(|source| ProcessError::Spawn {
+            command: "fleet-agent switch-result".into(),
+            source,
+        })?;
+        for path in [&recorder, &result] {
+            if !is_plain(path) {
+                return Err(ProcessError::Spawn {
+                    command: "systemd-run".into(),
+                    source: std::io::Error::other(format!(
+                        "{} has characters a unit's command line would change: use a path of \
+                         letters, digits and ._+-/",
+                        path.display()
+                    )),
+                });
+            }
+        }
+        log::info!(switch_unit = unit; "switch-to-configuration {} runs in {unit}.service", action.as_str());
+        let mut command = Command::new("systemd-run");
+        command
+            .args(["--collect", "--service-type=exec", "--wait", "--quiet"])
+            .arg(format!("--unit={unit}"))
+            .arg("--property=KillMode=mixed")
+            // The unit records its own result when it ends, so a restarted agent finds it: the
+            // agent's binary, by absolute path, reading SERVICE_RESULT, EXIT_CODE and
+            // EXIT_STATUS from the environment systemd gives ExecStopPost. No shell, no PATH
+            // (NixOS gives units only systemd's bin), no `$` or `%` for systemd to expand when
+            // a daemon-reload re-reads the stored unit. `-`: a failure to record never fails
+            // the switch itself.
+            .arg(format!(
+                "--property=ExecStopPost=-{} switch-result {}",
+                recorder.display(),
+                result.display()
+            ))
+            .arg("--")
+            .arg(&program)
+            .arg(action.as_str());
+        match process::run(command, self.timeout, &CancellationToken::new()).await {
+            Ok(_) => Ok(()),
+            // systemd-run --quiet prints nothing of the switch: its output is in the unit's
+            // journal. Carry the tail into the error.
+            Err(ProcessError::Failed {
+                command, status, ..
+            }) => Err(ProcessError::Failed {
+                command,
+                status,
+                stderr: unit_output(unit).await,
+            }),
+            Err(e) => Err(e),
+        }
     }
+}
+
+/// Whether a path passes through a unit's command line unchanged.
+fn is_plain(path: &Path) -> bool {
+    path.to_str().is_some_and(|p| {
+        p.starts_with('/')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._+-/".contains(&b))
+    })
+}
+
+/// The last lines a unit wrote to the journal (its stdout and stderr), oldest first.
+pub async fn unit_output(unit: &str) -> String {
+    let mut command = Command::new("journalctl");
+    command.args(["--no-pager", "--quiet", "-o", "cat", "-n", "30"]);
+    command.arg(format!("_SYSTEMD_UNIT={unit}.service"));
+    match process::run(command, Duration::from_secs(30), &CancellationToken::new()).await {
+        Ok(out) => String::from_utf8_lossy(&out).into_owned(),
+        Err(e) => format!("(its output could not be read from the journal: {e})"),
+    }
+}
+
+/// `fleet-agent switch-result FILE`, run by systemd as a switch unit's `ExecStopPost`: writes
+/// `SERVICE_RESULT EXIT_CODE EXIT_STATUS` from its environment to `file`, durably.
+pub fn record_result(file: &Path) -> std::io::Result<String> {
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| "-".into());
+    let line = format!(
+        "{} {} {}",
+        var("SERVICE_RESULT"),
+        var("EXIT_CODE"),
+        var("EXIT_STATUS")
+    );
+    crate::durable::write(file, format!("{line}\n").as_bytes())?;
+    Ok(line)
 }
 
 /// The systemd service this process runs in, from its cgroup (`…/fleet-agent.service`).

@@ -68,6 +68,10 @@ enum Command {
     Identity,
     /// Move a corrupt state file aside and start over from the running system.
     ResetState,
+    /// Record the result of a switch's transient unit in FILE (run by systemd as the unit's
+    /// ExecStopPost, with SERVICE_RESULT, EXIT_CODE and EXIT_STATUS set; not for people).
+    #[command(hide = true)]
+    SwitchResult { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -91,6 +95,19 @@ fn main() -> ExitCode {
         }
         Command::Identity => command::identity::run(&cli.config),
         Command::ResetState => command::status::reset(&cli.config),
+        Command::SwitchResult { file } => match fleet_agent::activate::record_result(&file) {
+            Ok(line) => {
+                println!("switch result: {line}");
+                0
+            }
+            Err(e) => {
+                eprintln!(
+                    "fleet-agent: cannot record the switch result in {}: {e}",
+                    file.display()
+                );
+                1
+            }
+        },
     };
     ExitCode::from(code)
 }

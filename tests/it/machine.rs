@@ -143,11 +143,53 @@ fn the_agent_runs_as_a_service_and_logs_each_phase_to_the_journal_with_fields() 
         .expect("a switch_failed entry");
     assert_eq!(field(failure, "PRIORITY"), "3", "error: {failure}");
     assert_eq!(field(failure, "SERIAL"), "2");
+    // The switch's own output, which went to its unit's journal, is in the reason.
+    let state = machine.state();
+    let reason = state["bad"]["reason"].as_str().unwrap();
+    assert!(reason.contains("this system fails to activate"), "{state}");
+    // The rollback's switch (under NixOS's unit PATH, after a daemon-reload) succeeded: the host
+    // says it is back on its last good system, not that it needs a person.
+    assert_eq!(state["bad"]["code"], "switch_failed", "{state}");
+    assert_eq!(state["last_error"]["code"], "switch_failed", "{state}");
     assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
     assert_eq!(
         machine.readlink("/run/current-system").as_deref(),
         Some(v2.as_str())
     );
+    // Every switch ran in a transient unit the agent's journal entries name.
+    let units: Vec<&str> = journal
+        .iter()
+        .map(|e| field(e, "SWITCH_UNIT"))
+        .filter(|u| !u.is_empty())
+        .collect();
+    assert!(
+        units
+            .iter()
+            .any(|u| u.starts_with("fleet-agent-switch-test-2-")),
+        "{units:?}"
+    );
+}
+
+#[test]
+fn a_direct_switch_outlives_a_restart_of_the_agent_and_its_release_is_committed() {
+    // activation.mode = "direct": the switch is the agent's own child, in the agent's cgroup.
+    // KillMode=mixed sends the stop's SIGTERM to the agent alone, which waits for its switch.
+    let (machine, mut fleet, _v1) = booted("[activation]\nmode = \"direct\"\n");
+    let v2 = release(&mut fleet, "2", "slow");
+    wait(&machine, "the trial switch is running", 60, || {
+        machine.switch_calls().contains(&format!("test {v2}"))
+    });
+    let restarted = machine.exec(&["systemctl", "restart", "fleet-agent.service"]);
+    assert_eq!(restarted.code, Some(0), "{restarted}");
+    wait(&machine, "release 1 is committed", 60, || {
+        machine.state()["last_good"] == v2.as_str()
+    });
+    assert_eq!(
+        machine.switch_calls(),
+        [format!("test {v2}"), format!("boot {v2}")]
+    );
+    assert_eq!(machine.state()["bad"], serde_json::Value::Null);
+    assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
 }
 
 #[test]
@@ -416,4 +458,63 @@ fn a_release_that_changes_the_agents_own_unit_restarts_the_agent_only_after_the_
         "{messages:#?}"
     );
     assert!(!at("restarting into it now that it is committed").is_empty());
+}
+
+#[test]
+fn a_hung_agent_is_restarted_by_its_watchdog_and_finishes_the_trial() {
+    let (machine, mut fleet, _v1) = booted("");
+    // Type=notify: the agent said it is ready, and says what it does.
+    let status = || {
+        machine
+            .exec(&[
+                "systemctl",
+                "show",
+                "-p",
+                "StatusText",
+                "--value",
+                "fleet-agent",
+            ])
+            .stdout
+            .trim()
+            .to_owned()
+    };
+    assert!(
+        status().starts_with("idle: committed release"),
+        "{}",
+        status()
+    );
+    // The agent's thread will hang in the health window; its watchdog is 3 s.
+    let dropin = "/etc/systemd/system/fleet-agent.service.d/test.conf";
+    machine.write(
+        dropin,
+        "[Service]\nWatchdogSec=3s\nEnvironment=FLEET_AGENT_FAILPOINT=during-health:hang\n",
+    );
+    assert_eq!(machine.exec(&["systemctl", "daemon-reload"]).code, Some(0));
+    let restarted = machine.exec(&["systemctl", "restart", "fleet-agent.service"]);
+    assert_eq!(restarted.code, Some(0), "{restarted}");
+    let v2 = release(&mut fleet, "2", "ok");
+    let said = |needle: &str| {
+        machine
+            .journal(None)
+            .iter()
+            .any(|e| field(e, "MESSAGE").contains(needle))
+    };
+    wait(&machine, "the agent hangs in its health window", 60, || {
+        said("fail point during-health reached: hanging")
+    });
+    assert!(status().starts_with("health release 1"), "{}", status());
+    // The next start must not hang again.
+    machine.write(dropin, "[Service]\nWatchdogSec=3s\n");
+    assert_eq!(machine.exec(&["systemctl", "daemon-reload"]).code, Some(0));
+    wait(&machine, "release 1 is committed", 60, || {
+        machine.state()["last_good"] == v2.as_str()
+    });
+    assert!(said("Watchdog timeout"), "systemd killed the agent");
+    assert!(said("resuming: release 1 is active"));
+    assert_eq!(
+        machine.switch_calls(),
+        [format!("test {v2}"), format!("boot {v2}")]
+    );
+    assert_eq!(machine.state()["bad"], serde_json::Value::Null);
+    assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
 }

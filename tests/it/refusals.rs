@@ -259,13 +259,13 @@ fn clock_behind_the_time_floor_still_refuses_an_expired_release() {
     // A release issued "in the future" raises the host's time floor when accepted.
     let mut future = s.next();
     future.issued_at = unix_now() + 10_000;
-    future.expires = unix_now() + 20_000;
+    future.expires = future.issued_at + 10_000;
     future.hosts.get_mut("a").unwrap().toplevel = StorePath::parse(&s.v2).unwrap();
     let (doc, sigs) = Fleet::sign(&future, &[&s.key]);
     s.fleet.publish_raw(&doc, &sigs);
     let (code, outcome) = s.host.once_outcome();
     assert_eq!(code, Some(0), "{outcome}");
-    assert_eq!(s.host.state()["time_floor"], unix_now() + 10_000);
+    assert_eq!(s.host.state()["time_floor"], future.issued_at);
     // By this machine's clock the next release is valid; by the floor it expired long ago.
     let mut next = s.next();
     next.serial = 7;

@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Bump when the image recipe changes: the cache keys on it.
-const IMAGE_VERSION: &str = "bookworm-v2";
+const IMAGE_VERSION: &str = "bookworm-v3";
 const PACKAGES: &str = "systemd,systemd-sysv,dbus,libdbi-perl,nix-bin,iproute2,procps";
 
 const FIXTURE_ENV: &str = "FLEET_FIXTURE_LOG=/var/log/fleet-switch.log
@@ -29,11 +29,13 @@ FLEET_FIXTURE_CURRENT=/run/current-system
 FLEET_FIXTURE_BOOT=/boot/fleet-default
 FLEET_FIXTURE_CONTROL=/etc/fleet-fixture-control
 FLEET_FIXTURE_AGENT_DROPIN=/etc/systemd/system/fleet-agent.service.d/fixture.conf
+FLEET_FIXTURE_NIXOS=1
 ";
 
 const BOOT_SCRIPT: &str = "#!/bin/sh
 # The simulated bootloader and stage 2: boot the default entry.
 set -e
+PATH=/usr/bin:/bin
 entry=$(readlink /boot/fleet-default)
 ln -sfn \"$entry\" /run/booted-system
 ln -sfn \"$entry\" /run/current-system
@@ -55,14 +57,25 @@ ExecStart=/usr/local/sbin/fleet-boot
 WantedBy=sysinit.target
 ";
 
+/// fleet-agent.service as the NixOS module renders it: restartIfChanged = false and
+/// X-StopOnRemoval = false in [Unit], the module's `path` as the unit's PATH (the agent needs
+/// nix, systemd and coreutils; other units get only systemd's bin), KillMode=mixed,
+/// Type=notify with a watchdog.
 const AGENT_UNIT: &str = "[Unit]
 Description=fleet-agent: pull, verify and apply signed NixOS releases
 After=fleet-boot.service
 Requires=fleet-boot.service
+X-RestartIfChanged=false
+X-StopOnRemoval=false
 
 [Service]
+Type=notify
+NotifyAccess=main
+WatchdogSec=3min
+Environment=PATH=/usr/local/bin:/usr/bin:/bin
 ExecStart=/usr/local/bin/fleet-agent --config /etc/fleet-agent/config.toml run
 ExecReload=/bin/kill -HUP $MAINPID
+KillMode=mixed
 Restart=always
 RestartSec=1s
 StateDirectory=fleet-agent
@@ -146,7 +159,50 @@ fn link(root: &Path, path: &str, target: &str) {
     std::os::unix::fs::symlink(target, file).unwrap();
 }
 
+/// Where the machines' units find programs unless they set PATH: systemd's own binaries only,
+/// as NixOS builds systemd (its default PATH is the systemd package's `bin/`).
+const NIXOS_UNIT_PATH: &str = "/usr/lib/fleet-nixos/systemd/bin";
+
+/// NixOS's unit PATH: a directory of links to the programs of Debian's systemd packages, made
+/// every unit's default PATH.
+fn nixos_unit_path(root: &Path) {
+    let bin = root.join(NIXOS_UNIT_PATH.trim_start_matches('/'));
+    std::fs::create_dir_all(&bin).unwrap();
+    for dir in ["usr/bin", "bin"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let systemd = name.starts_with("systemd")
+                || [
+                    "busctl",
+                    "hostnamectl",
+                    "journalctl",
+                    "localectl",
+                    "loginctl",
+                    "networkctl",
+                    "systemctl",
+                    "timedatectl",
+                    "udevadm",
+                    "kernel-install",
+                ]
+                .contains(&name.as_str());
+            if systemd && !bin.join(&name).exists() {
+                std::os::unix::fs::symlink(format!("/{dir}/{name}"), bin.join(&name)).unwrap();
+            }
+        }
+    }
+    write(
+        root,
+        "/etc/systemd/system.conf.d/nixos-path.conf",
+        &format!("[Manager]\nDefaultEnvironment=PATH={NIXOS_UNIT_PATH}\n"),
+        0o644,
+    );
+}
+
 fn customise(root: &Path) {
+    nixos_unit_path(root);
     write(root, "/etc/fleet-fixture.env", FIXTURE_ENV, 0o644);
     write(root, "/usr/local/sbin/fleet-boot", BOOT_SCRIPT, 0o755);
     write(

@@ -7,6 +7,7 @@ use fleet_agent::activate;
 use fleet_agent::config::Config;
 use fleet_agent::cycle::{Agent, Outcome};
 use fleet_agent::identity;
+use fleet_agent::notify;
 use fleet_agent::report::{wire, Event, Report, ReportError, Reporter};
 use fleet_agent::state::Runtime;
 use std::path::Path;
@@ -123,6 +124,9 @@ async fn daemon(config: Config) -> u8 {
         log::error!("cannot listen for SIGHUP");
         return 1;
     };
+    // systemd restarts an agent whose runtime thread stops (WatchdogSec= in its unit).
+    let watchdog =
+        notify::watchdog_interval().map(|every| tokio::spawn(notify::feed_watchdog(every)));
     let state_dir = config.state_dir.clone();
     let interval = config.poll_interval;
     let mut safe_mode_reporter = None;
@@ -132,6 +136,7 @@ async fn daemon(config: Config) -> u8 {
             Err(e) => {
                 // Safe mode: apply nothing, keep saying why, until a person resets the state.
                 log::error!(code = "safe_mode"; "{e}");
+                notify::ready(&format!("safe mode, nothing is applied: {e}"));
                 report_safe_mode(&config, &mut safe_mode_reporter, &e.to_string()).await;
                 let runtime = Runtime {
                     pid: std::process::id(),
@@ -157,6 +162,7 @@ async fn daemon(config: Config) -> u8 {
         config.channel
     );
     agent.publish(Event::Start);
+    notify::ready(&agent.status_line());
     // What our own unit runs: a committed release that changes it restarts the agent (its unit
     // is never restarted by a switch, so a trial cannot kill the agent that judges it).
     let own_unit = match activate::own_unit() {
@@ -219,6 +225,7 @@ async fn daemon(config: Config) -> u8 {
                 }
             }
         }
+        notify::status(&agent.status_line());
         let delay = next_delay(&config, errors, fast_polls_left);
         let runtime = Runtime {
             pid: std::process::id(),
@@ -236,9 +243,13 @@ async fn daemon(config: Config) -> u8 {
             () = cancel.cancelled() => break,
         }
     }
+    notify::stopping();
     let _ = std::fs::remove_file(Runtime::path(&state_dir));
     if let Some(sender) = sender {
         sender.abort();
+    }
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
     }
     log::info!("fleet-agent stopped");
     0

@@ -313,7 +313,32 @@ impl Agent {
         self.state.phase = phase;
         let saved = self.save();
         self.publish(Event::Phase);
+        crate::notify::status(&self.status_line());
         saved
+    }
+
+    /// What the agent is doing, for `systemctl status`: the phase and the release it is about,
+    /// or when idle the committed and newest verified releases and a standing error.
+    pub fn status_line(&self) -> String {
+        let serial = |s: Option<u64>| s.map_or("none".to_owned(), |s| s.to_string());
+        match self.state.phase.about() {
+            Some((target, _)) => format!(
+                "{} release {target} (committed: release {})",
+                self.state.phase.name(),
+                serial(self.state.committed_serial)
+            ),
+            None => {
+                let mut line = format!(
+                    "idle: committed release {}, newest verified {}",
+                    serial(self.state.committed_serial),
+                    serial(self.state.accepted.as_ref().map(|a| a.serial))
+                );
+                if let Some(error) = &self.state.last_error {
+                    line += &format!(", last error {}", error.code);
+                }
+                line
+            }
+        }
     }
 
     pub(crate) fn save(&mut self) -> Result<(), StateError> {

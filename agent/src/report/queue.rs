@@ -14,7 +14,6 @@
 //! `limit` reports; when full, the oldest goes, since every report carries the host's whole state
 //! and the newest always wins.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -148,13 +147,7 @@ impl Queue {
     }
 
     fn write_atomically(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        let temp = self.dir.join(format!(".{name}.tmp"));
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, self.dir.join(name))?;
-        std::fs::File::open(&self.dir)?.sync_all()
+        crate::durable::write(&self.dir.join(name), bytes)
     }
 }
 

@@ -1,15 +1,27 @@
 #!/bin/sh
-# Fixture stand-in for NixOS's switch-to-configuration. It appends "<action> <toplevel>" to
-# $FLEET_FIXTURE_LOG, fails when the toplevel's behaviour says so or when the file
-# $FLEET_FIXTURE_CONTROL/fail-<action> exists, hangs on "hang", cuts the host off its control
-# plane on "cut-network" (creates $FLEET_FIXTURE_CONTROL/network-cut, which the test servers
-# obey), and points the links named by $FLEET_FIXTURE_CURRENT (test, switch) and
+# Fixture stand-in for NixOS's switch-to-configuration.
+#
+# Everywhere: it appends "<action> <toplevel>" to $FLEET_FIXTURE_LOG, fails when the toplevel's
+# behaviour says so or when the file $FLEET_FIXTURE_CONTROL/fail-<action> exists, cuts the host
+# off its control plane on "cut-network" (creates $FLEET_FIXTURE_CONTROL/network-cut, which the
+# test servers obey), and points the links named by $FLEET_FIXTURE_CURRENT (test, switch) and
 # $FLEET_FIXTURE_BOOT (boot, switch) at its toplevel, as NixOS's activation and bootloader do.
-# "slow" takes 10 s to activate; "fail-unit" leaves a failed systemd unit behind (booted
-# containers); "new-agent" changes fleet-agent.service (a drop-in at
-# $FLEET_FIXTURE_AGENT_DROPIN, then a daemon-reload, never a restart of that unit, as NixOS does
-# for a unit with restartIfChanged = false), and activating any other system takes it away. Where the variables are not set (a transient systemd unit does not inherit the
-# agent's environment), /etc/fleet-fixture.env may set them.
+#
+# With FLEET_FIXTURE_NIXOS=1 (the booted machines) it also does to systemd what NixOS's
+# switch-to-configuration does, in its order: the activation script (the links above, and
+# "new-agent" changes fleet-agent.service by a drop-in at $FLEET_FIXTURE_AGENT_DROPIN, which
+# activating any other system takes away), then `systemctl reset-failed` and `systemctl
+# daemon-reload` on every switch, then it starts units ("slow" takes 10 s, "hang" never ends,
+# "fail-unit" starts a service that fails a second later, after the switch), never restarting
+# a changed unit marked X-RestartIfChanged=false (fleet-agent.service), and exits 4 when a unit
+# is failed at its end.
+#
+# NixOS's switch and activation script name every program by its store path, so they work
+# under any PATH (a transient unit on NixOS gets only systemd's bin): this script sets its own.
+# Where the variables are not set (a transient systemd unit does not inherit the agent's
+# environment), /etc/fleet-fixture.env may set them.
+PATH=/usr/bin:/bin
+export PATH
 if [ -z "$FLEET_FIXTURE_LOG" ] && [ -r /etc/fleet-fixture.env ]; then
     . /etc/fleet-fixture.env
 fi
@@ -25,23 +37,16 @@ if [ -n "$FLEET_FIXTURE_CONTROL" ] && [ -e "$FLEET_FIXTURE_CONTROL/fail-$action"
     echo "switch-to-configuration: told to fail $action" >&2
     exit 1
 fi
+nixos="${FLEET_FIXTURE_NIXOS:-}"
 case "$behaviour:$action" in
     fail:test | fail:switch)
         echo "switch-to-configuration: this system fails to activate" >&2
         exit 1
         ;;
-    hang:test | hang:switch)
-        while :; do sleep 1; done
-        ;;
-    slow:test | slow:switch)
-        sleep 10
-        ;;
-    fail-unit:test | fail-unit:switch)
-        systemd-run --quiet --unit=fleet-fixture-broken --service-type=oneshot /bin/false || :
-        ;;
 esac
 case "$action" in
     test | switch)
+        echo "activating the configuration..." >&2
         # Activating a system that cuts the network cuts it; activating any other restores it.
         if [ -n "$FLEET_FIXTURE_CONTROL" ]; then
             if [ "$behaviour" = cut-network ]; then
@@ -50,19 +55,39 @@ case "$action" in
                 rm -f "$FLEET_FIXTURE_CONTROL/network-cut"
             fi
         fi
-        ;;
-esac
-case "$action" in
-    test | switch)
         [ -n "$FLEET_FIXTURE_CURRENT" ] && ln -sfn "$logical" "$FLEET_FIXTURE_CURRENT"
+        changed=
         if [ -n "$FLEET_FIXTURE_AGENT_DROPIN" ]; then
             if [ "$behaviour" = new-agent ]; then
                 mkdir -p "${FLEET_FIXTURE_AGENT_DROPIN%/*}"
                 printf '[Service]\nEnvironment=FLEET_FIXTURE_SYSTEM=%s\n' "$logical" > "$FLEET_FIXTURE_AGENT_DROPIN"
-                systemctl daemon-reload
+                changed=1
             elif [ -e "$FLEET_FIXTURE_AGENT_DROPIN" ]; then
                 rm -f "$FLEET_FIXTURE_AGENT_DROPIN"
-                systemctl daemon-reload
+                changed=1
+            fi
+        fi
+        if [ -n "$nixos" ]; then
+            systemctl reset-failed
+            systemctl daemon-reload
+            # fleet-agent.service has X-RestartIfChanged=false: NixOS leaves it running.
+            if [ -n "$changed" ]; then
+                echo "NOT restarting the following changed units: fleet-agent.service" >&2
+            fi
+        fi
+        case "$behaviour" in
+            slow) sleep 10 ;;
+            hang) while :; do sleep 1; done ;;
+            fail-unit)
+                systemd-run --quiet --unit=fleet-fixture-broken --service-type=simple \
+                    /bin/sh -c '/bin/sleep 1; exit 1' || :
+                ;;
+        esac
+        if [ -n "$nixos" ]; then
+            failed=$(systemctl list-units --state=failed --plain --no-legend | cut -d' ' -f1)
+            if [ -n "$failed" ]; then
+                echo "warning: the following units failed: $failed" >&2
+                exit 4
             fi
         fi
         ;;

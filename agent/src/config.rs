@@ -405,6 +405,11 @@ pub struct RawPaths {
     pub store_root: PathBuf,
     /// Where node_exporter's textfile collector reads metrics; default: none.
     pub metrics_dir: Option<PathBuf>,
+    /// The boot partition, where NixOS's bootloader writes its config (systemd-boot's
+    /// `loader/`, `extlinux/`): a commit checks that the boot default boots the new system;
+    /// default /boot.
+    #[serde(default = "default_boot_dir")]
+    pub boot_dir: PathBuf,
 }
 
 impl Default for RawPaths {
@@ -417,6 +422,7 @@ impl Default for RawPaths {
             store: None,
             store_root: default_root(),
             metrics_dir: None,
+            boot_dir: default_boot_dir(),
         }
     }
 }
@@ -471,6 +477,9 @@ fn default_booted() -> PathBuf {
 }
 fn default_root() -> PathBuf {
     "/".into()
+}
+fn default_boot_dir() -> PathBuf {
+    "/boot".into()
 }
 
 /// Durations written as "30s", "5m", "1h 30m".
@@ -590,6 +599,7 @@ pub struct Config {
     pub store: Option<String>,
     pub store_root: PathBuf,
     pub metrics_dir: Option<PathBuf>,
+    pub boot_dir: PathBuf,
     pub report: Option<ReportSettings>,
 }
 
@@ -704,6 +714,7 @@ impl Config {
             ("paths.current_system", &raw.paths.current_system),
             ("paths.booted_system", &raw.paths.booted_system),
             ("paths.store_root", &raw.paths.store_root),
+            ("paths.boot_dir", &raw.paths.boot_dir),
         ] {
             if !path.is_absolute() {
                 problems.push(format!("{name} '{}' must be absolute", path.display()));
@@ -787,6 +798,7 @@ impl Config {
             store: raw.paths.store,
             store_root: raw.paths.store_root,
             metrics_dir: raw.paths.metrics_dir,
+            boot_dir: raw.paths.boot_dir,
             report,
         })
     }

@@ -5,6 +5,7 @@
 //! no I/O, so the signer, the agent and the tests all judge a release the same way.
 
 pub mod activate;
+pub mod bootloader;
 pub mod channel;
 pub mod config;
 pub mod cycle;

@@ -158,6 +158,19 @@ pub struct State {
     /// The serial of the release the committed system came from (unknown on a fresh host).
     #[serde(default)]
     pub committed_serial: Option<u64>,
+    /// The boot (the kernel's boot id) during which `last_good` was committed or adopted: a
+    /// later boot must run `last_good`, or the bootloader did not take the boot default.
+    #[serde(default)]
+    pub committed_boot: Option<String>,
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`; a container booted by systemd-nspawn has
+/// its own), or `None` where it cannot be read.
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
 }
 
 impl State {
@@ -175,6 +188,7 @@ impl State {
             last_success: None,
             reboot_needed: false,
             committed_serial: None,
+            committed_boot: boot_id(),
         }
     }
 }

@@ -518,3 +518,61 @@ fn a_hung_agent_is_restarted_by_its_watchdog_and_finishes_the_trial() {
     assert_eq!(machine.state()["bad"], serde_json::Value::Null);
     assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
 }
+
+#[test]
+fn a_boot_that_does_not_run_the_committed_system_is_reported_and_the_boot_default_set_again() {
+    let (mut machine, mut fleet, v1) = booted("");
+    let v2 = release(&mut fleet, "2", "ok");
+    wait(&machine, "release 1 is committed", 60, || {
+        machine.state()["last_good"] == v2.as_str()
+    });
+    // A bootloader that boots its old entry whatever its config says.
+    machine.link("/boot/fleet-default", &v1);
+    machine.reboot();
+    assert_eq!(
+        machine.readlink("/run/booted-system").as_deref(),
+        Some(v1.as_str())
+    );
+    wait(&machine, "the boot drift is reported", 60, || {
+        machine.state()["last_error"]["code"] == "boot_drift"
+    });
+    let state = machine.state();
+    let message = state["last_error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "this boot runs {v1}, not the committed system {v2}"
+        )),
+        "{state}"
+    );
+    assert!(
+        message.contains("made it the boot default again"),
+        "{state}"
+    );
+    assert_eq!(state["last_good"], v2.as_str(), "the commit stands");
+    // Made the boot default again, once: the next boot runs the committed system.
+    assert_eq!(
+        machine.switch_calls(),
+        [
+            format!("test {v2}"),
+            format!("boot {v2}"),
+            format!("boot {v2}")
+        ]
+    );
+    assert_eq!(
+        machine.readlink("/boot/fleet-default").as_deref(),
+        Some(v2.as_str())
+    );
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert_eq!(machine.switch_calls().len(), 3, "repaired once per boot");
+    machine.reboot();
+    wait(
+        &machine,
+        "the drift clears after a boot into release 1",
+        60,
+        || machine.state()["last_error"].is_null(),
+    );
+    assert_eq!(
+        machine.readlink("/run/booted-system").as_deref(),
+        Some(v2.as_str())
+    );
+}

@@ -205,3 +205,41 @@ fn a_failed_realise_is_retried_although_the_channel_did_not_change() {
     assert!(fleet.www.not_modified() >= 1, "no poll was answered 304");
     assert_eq!(fleet.www.requests_matching("release.json.sig").len(), 1);
 }
+
+#[test]
+fn a_boot_step_that_leaves_the_boot_default_alone_is_not_a_commit() {
+    let mut fleet = Fleet::new(&["a"]);
+    let host = fleet.host("a", Channel::Directory);
+    let v2 = bump(&mut fleet, "2", "ok");
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    let extlinux = host.boot_dir().join("extlinux/extlinux.conf");
+    let boots = || std::fs::read_to_string(&extlinux).unwrap();
+    assert!(boots().contains(&format!("init={v2}/init")), "{}", boots());
+
+    // `switch-to-configuration boot` exits 0 without a boot loader: the boot default is still
+    // version 2, so version 3 is not committed but rolled back.
+    let noop = bump(&mut fleet, "3", "boot-noop");
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(code, Some(4), "{outcome}");
+    assert_eq!(outcome["code"], "boot_default_unchanged", "{outcome}");
+    assert!(
+        outcome["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("still boots {v2}")),
+        "{outcome}"
+    );
+    host.assert_on(&v2);
+    assert!(boots().contains(&format!("init={v2}/init")), "{}", boots());
+    assert_eq!(host.state()["last_good"], v2.as_str());
+    assert_eq!(
+        host.switch_calls()[2..],
+        [
+            format!("test {noop}"),
+            format!("boot {noop}"),
+            format!("test {v2}"),
+            format!("boot {v2}")
+        ]
+    );
+}

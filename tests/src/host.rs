@@ -126,6 +126,7 @@ state_dir = "{state}"
 system_profile = "{profile}"
 current_system = "{current}"
 booted_system = "{booted}"
+boot_dir = "{boot_dir}"
 {store}
 {health}
 "#,
@@ -144,6 +145,7 @@ booted_system = "{booted}"
             profile = self.profile.display(),
             current = self.current.display(),
             booted = self.booted.display(),
+            boot_dir = self.boot_dir().display(),
             store = match &self.store {
                 Some(store) => format!(
                     "store = \"{}\"\nstore_root = \"{}\"",
@@ -181,8 +183,17 @@ booted_system = "{booted}"
                 "FLEET_FIXTURE_CONTROL".into(),
                 self.control.display().to_string(),
             ),
+            (
+                "FLEET_FIXTURE_BOOT_DIR".into(),
+                self.boot_dir().display().to_string(),
+            ),
         ]);
         env
+    }
+
+    /// The host's boot partition: the fixture's `boot` writes `extlinux/extlinux.conf` there.
+    pub fn boot_dir(&self) -> PathBuf {
+        self.root.join("boot")
     }
 
     /// A `fleet-agent` command for this host.

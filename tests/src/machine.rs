@@ -30,6 +30,7 @@ FLEET_FIXTURE_BOOT=/boot/fleet-default
 FLEET_FIXTURE_CONTROL=/etc/fleet-fixture-control
 FLEET_FIXTURE_AGENT_DROPIN=/etc/systemd/system/fleet-agent.service.d/fixture.conf
 FLEET_FIXTURE_NIXOS=1
+FLEET_FIXTURE_BOOT_DIR=/boot
 ";
 
 const BOOT_SCRIPT: &str = "#!/bin/sh
@@ -331,6 +332,10 @@ impl Machine {
         self.link("/var/lib/fleet-system/profile-1-link", toplevel);
         self.link("/var/lib/fleet-system/profile", "profile-1-link");
         self.link("/boot/fleet-default", toplevel);
+        self.write(
+            "/boot/extlinux/extlinux.conf",
+            &format!("DEFAULT nixos-default\nLABEL nixos-default\n  APPEND init={toplevel}/init\n"),
+        );
     }
 
     /// Boots the machine and waits until systemd says it is up.

@@ -3,6 +3,7 @@
 
 use super::{unix_now, Agent, Outcome};
 use crate::activate::{reboot_parts, Action};
+use crate::bootloader::{self, BootDefault};
 use crate::config::{RealiseMode, RebootPolicy};
 use crate::failpoint;
 use crate::health::{failed_units, Health};
@@ -233,10 +234,8 @@ impl Agent {
         if let Err(e) = self.transition(phase) {
             return self.fail("state_write", e.to_string(), Some(serial));
         }
-        if let Err(reason) = self.make_boot_default(serial, toplevel).await {
-            return self
-                .rollback(serial, toplevel, "commit_failed", &reason)
-                .await;
+        if let Err((code, reason)) = self.make_boot_default(serial, toplevel).await {
+            return self.rollback(serial, toplevel, code, &reason).await;
         }
         log::warn!(
             serial = serial.to_string().as_str(), store_path = toplevel;
@@ -393,18 +392,57 @@ impl Agent {
         self.check(serial, &toplevel, failed_before).await
     }
 
-    /// Points the system profile at `toplevel` and makes it the boot default; the reason when
-    /// either fails.
-    async fn make_boot_default(&mut self, serial: u64, toplevel: &str) -> Result<(), String> {
+    /// Points the system profile at `toplevel` and makes it the boot default, then checks the
+    /// bootloader's config says so; the reason code and reason when any of it fails.
+    pub(crate) async fn make_boot_default(
+        &mut self,
+        serial: u64,
+        toplevel: &str,
+    ) -> Result<(), (&'static str, String)> {
         self.nix
             .set_profile(&self.config.system_profile, toplevel, &self.cancel)
             .await
-            .map_err(|e| format!("cannot set the system profile to {toplevel}: {e}"))?;
+            .map_err(|e| {
+                let reason = format!("cannot set the system profile to {toplevel}: {e}");
+                ("commit_failed", reason)
+            })?;
         failpoint::hit("after-profile-set");
         self.activator
             .switch(toplevel, Action::Boot)
             .await
-            .map_err(|e| format!("switch-to-configuration boot of release {serial} failed: {e}"))
+            .map_err(|e| {
+                let reason =
+                    format!("switch-to-configuration boot of release {serial} failed: {e}");
+                ("commit_failed", reason)
+            })?;
+        match bootloader::read(&self.config.boot_dir) {
+            BootDefault::Boots {
+                toplevel: boots, ..
+            } if boots == toplevel => Ok(()),
+            BootDefault::Boots {
+                toplevel: boots,
+                file,
+            } => Err((
+                "boot_default_unchanged",
+                format!(
+                    "switch-to-configuration boot of release {serial} succeeded but the boot \
+                     default still boots {boots} ({}), not {toplevel}: the next boot would run \
+                     the old system (is a boot loader enabled?)",
+                    file.display()
+                ),
+            )),
+            BootDefault::Unreadable { file, why } => {
+                log::warn!(serial = serial.to_string().as_str(); "cannot check the boot default in {}: {why}", file.display());
+                Ok(())
+            }
+            BootDefault::Unknown => {
+                log::debug!(
+                    "no bootloader config under {} to check the boot default in",
+                    self.config.boot_dir.display()
+                );
+                Ok(())
+            }
+        }
     }
 
     /// Sets the profile and the boot default to the healthy candidate.
@@ -419,10 +457,8 @@ impl Agent {
                 .rollback(serial, toplevel, "state_write", &e.to_string())
                 .await;
         }
-        if let Err(reason) = self.make_boot_default(serial, toplevel).await {
-            return self
-                .rollback(serial, toplevel, "commit_failed", &reason)
-                .await;
+        if let Err((code, reason)) = self.make_boot_default(serial, toplevel).await {
+            return self.rollback(serial, toplevel, code, &reason).await;
         }
         failpoint::hit("after-boot-switch");
         let candidate = self.nix.physical(toplevel);
@@ -438,6 +474,7 @@ impl Agent {
         }
         self.state.last_good = Some(toplevel.to_owned());
         self.state.committed_serial = Some(serial);
+        self.state.committed_boot = crate::state::boot_id();
         self.state.last_success = Some(unix_now());
         self.state.reboot_needed = reboot_needed;
         self.state.attempts = None;

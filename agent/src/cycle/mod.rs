@@ -162,6 +162,8 @@ pub struct Agent {
     /// A release known to need a reboot (serial, toplevel), realised and waiting for the
     /// reboot window: not realised again at every poll.
     pub(crate) awaiting_window: Option<(u64, String)>,
+    /// The boot in which a boot drift was last reported and repaired.
+    drift_boot: Option<String>,
 }
 
 /// Why the agent cannot start.
@@ -219,6 +221,7 @@ impl Agent {
             durations: Durations::default(),
             last_outcome: None,
             awaiting_window: None,
+            drift_boot: None,
         })
     }
 
@@ -315,6 +318,51 @@ impl Agent {
         self.publish(Event::Phase);
         crate::notify::status(&self.status_line());
         saved
+    }
+
+    /// Why this boot runs something other than the committed system, when the machine booted
+    /// since the commit: the bootloader did not boot the boot default the commit set.
+    fn boot_drift(&self) -> Option<String> {
+        let committed_boot = self.state.committed_boot.as_deref()?;
+        if crate::state::boot_id()? == committed_boot {
+            return None;
+        }
+        let booted = crate::nix::resolve_link(&self.config.booted_system)?;
+        let last_good = self.state.last_good.as_deref()?;
+        (booted != last_good).then(|| {
+            format!(
+                "this boot runs {booted}, not the committed system {last_good}: the bootloader \
+                 did not boot the boot default set at the commit"
+            )
+        })
+    }
+
+    /// Reports a boot that did not run the committed system (`boot_drift`, a standing error
+    /// until a boot does) and, once per boot, makes the committed system the boot default
+    /// again, so the next boot runs it.
+    async fn repair_boot_drift(&mut self, serial: u64, toplevel: &str, reason: String) -> Outcome {
+        let boot = crate::state::boot_id();
+        let repaired_this_boot = self
+            .state
+            .last_error
+            .as_ref()
+            .is_some_and(|e| e.code == "boot_drift" && self.drift_boot == boot);
+        if repaired_this_boot {
+            return Outcome::UpToDate {
+                serial: Some(serial),
+            };
+        }
+        log::error!(code = "boot_drift", serial = serial.to_string().as_str(), store_path = toplevel; "{reason}");
+        self.drift_boot = boot;
+        let message = match self.make_boot_default(serial, toplevel).await {
+            Ok(()) => format!("{reason}; made it the boot default again"),
+            Err((_, why)) => format!("{reason}; making it the boot default again failed: {why}"),
+        };
+        self.record_error("boot_drift", &message, None);
+        Outcome::Failed {
+            code: "boot_drift".into(),
+            message,
+        }
     }
 
     /// What the agent is doing, for `systemctl status`: the phase and the release it is about,
@@ -518,6 +566,9 @@ impl Agent {
         };
         let toplevel = entry.toplevel.as_str().to_owned();
         if self.state.last_good.as_deref() == Some(toplevel.as_str()) {
+            if let Some(reason) = self.boot_drift() {
+                return self.repair_boot_drift(serial, &toplevel, reason).await;
+            }
             if self
                 .state
                 .last_error

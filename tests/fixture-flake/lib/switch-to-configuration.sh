@@ -5,7 +5,10 @@
 # behaviour says so or when the file $FLEET_FIXTURE_CONTROL/fail-<action> exists, cuts the host
 # off its control plane on "cut-network" (creates $FLEET_FIXTURE_CONTROL/network-cut, which the
 # test servers obey), and points the links named by $FLEET_FIXTURE_CURRENT (test, switch) and
-# $FLEET_FIXTURE_BOOT (boot, switch) at its toplevel, as NixOS's activation and bootloader do.
+# $FLEET_FIXTURE_BOOT (boot, switch) at its toplevel, as NixOS's activation and bootloader do;
+# `boot` also writes $FLEET_FIXTURE_BOOT_DIR/extlinux/extlinux.conf as NixOS's extlinux builder
+# does, except for "boot-noop", which succeeds without touching the boot default (NixOS without
+# a boot loader).
 #
 # With FLEET_FIXTURE_NIXOS=1 (the booted machines) it also does to systemd what NixOS's
 # switch-to-configuration does, in its order: the activation script (the links above, and
@@ -92,9 +95,20 @@ case "$action" in
         fi
         ;;
 esac
-case "$action" in
-    boot | switch)
+case "$behaviour:$action" in
+    boot-noop:boot | boot-noop:switch)
+        # What NixOS does without a boot loader: it says so, and succeeds.
+        echo "warning: do not know how to make this configuration bootable; please enable a boot loader." >&2
+        ;;
+    *:boot | *:switch)
         [ -n "$FLEET_FIXTURE_BOOT" ] && ln -sfn "$logical" "$FLEET_FIXTURE_BOOT"
+        # The boot loader's config, as NixOS's extlinux builder writes it.
+        if [ -n "$FLEET_FIXTURE_BOOT_DIR" ]; then
+            mkdir -p "$FLEET_FIXTURE_BOOT_DIR/extlinux"
+            printf '# Generated file, all changes will be lost on nixos-rebuild!\nTIMEOUT 50\nDEFAULT nixos-default\n\nLABEL nixos-default\n  MENU LABEL NixOS - Default\n  LINUX ../nixos/kernel\n  APPEND init=%s/init loglevel=4\n' \
+                "$logical" > "$FLEET_FIXTURE_BOOT_DIR/extlinux/extlinux.conf.tmp"
+            mv "$FLEET_FIXTURE_BOOT_DIR/extlinux/extlinux.conf.tmp" "$FLEET_FIXTURE_BOOT_DIR/extlinux/extlinux.conf"
+        fi
         ;;
 esac
 exit 0

@@ -7,20 +7,28 @@
     let
       systems = [ "x86_64-linux" "aarch64-linux" ];
       forAllSystems = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+      packagesFor = pkgs: {
+        fleet-gitops = pkgs.callPackage ./package.nix { };
+        fleet-gitops-agent = pkgs.callPackage ./package.nix { crate = "fleet-agent"; };
+      };
     in
     {
-      overlays.default = final: _prev: {
-        fleet = final.callPackage ./package.nix { };
-      };
+      # For a nixpkgs of your own; the modules below do not need it.
+      overlays.default = final: _prev: packagesFor final;
 
-      packages = forAllSystems (pkgs: rec {
-        fleet = pkgs.callPackage ./package.nix { };
-        default = fleet;
+      packages = forAllSystems (pkgs: packagesFor pkgs // {
+        default = self.packages.${pkgs.stdenv.hostPlatform.system}.fleet-gitops;
       });
 
-      nixosModules.default = {
-        imports = [ ./nixos-module/fleet-agent.nix ./nixos-module/fleet-collector.nix ];
-        nixpkgs.overlays = [ self.overlays.default ];
-      };
+      # The modules with this flake's packages as their defaults, passed in rather than through
+      # nixpkgs.overlays, so hosts whose pkgs are shared and read-only (nixpkgs' readOnlyPkgs)
+      # evaluate too.
+      nixosModules.default = { lib, pkgs, ... }:
+        let own = self.packages.${pkgs.stdenv.hostPlatform.system}; in
+        {
+          imports = [ ./nixos-module/fleet-agent.nix ./nixos-module/fleet-collector.nix ];
+          services.fleet-agent.package = lib.mkDefault own.fleet-gitops-agent;
+          services.fleet-collector.package = lib.mkDefault own.fleet-gitops;
+        };
     };
 }

@@ -1,9 +1,16 @@
-# fleet for nixpkgs: fleet-agent and fleet-sign.
-{ lib, rustPlatform, pkg-config, openssl }:
+# fleet for nixpkgs, under names nothing in nixpkgs uses (nixpkgs' `fleet` is fleetdm's server):
+# `fleet-gitops` holds fleet-sign and fleet-agent (workstations, CI, the collector);
+# `crate = "fleet-agent"` builds `fleet-gitops-agent`, the agent alone, for every host, so hosts
+# carry neither fleet-sign nor its SQLite.
+{ lib, rustPlatform, pkg-config, zlib, crate ? null }:
 
+let
+  crates = if crate == null then [ "fleet-agent" "fleet-sign" ] else [ crate ];
+  packages = lib.concatMap (name: [ "-p" name ]) crates;
+in
 rustPlatform.buildRustPackage {
-  pname = "fleet";
-  version = "0.1.0";
+  pname = if crate == null then "fleet-gitops" else "fleet-gitops-agent";
+  version = (lib.importTOML ./Cargo.toml).workspace.package.version;
 
   src = lib.fileset.toSource {
     root = ./.;
@@ -11,18 +18,20 @@ rustPlatform.buildRustPackage {
   };
   cargoLock.lockFile = ./Cargo.lock;
 
+  # libgit2 (built by libgit2-sys, without OpenSSL or libssh2) links the system's zlib, found
+  # through pkg-config. TLS is rustls; SQLite is bundled into fleet-sign.
   nativeBuildInputs = [ pkg-config ];
-  buildInputs = [ openssl ];
-  cargoBuildFlags = [ "-p" "fleet-agent" "-p" "fleet-sign" ];
+  buildInputs = [ zlib ];
+  cargoBuildFlags = packages;
 
   # The integration tests need root, real Nix stores and loopback servers: they run in this
   # repository's CI (scripts/test); the unit tests run here.
-  cargoTestFlags = [ "-p" "fleet-agent" "-p" "fleet-sign" ];
+  cargoTestFlags = packages;
 
   meta = {
     description = "Pull-based GitOps for NixOS fleets: signed releases, health-gated commits, automatic rollback";
     license = with lib.licenses; [ mit asl20 ];
-    mainProgram = "fleet-agent";
+    mainProgram = if crate == null then "fleet-sign" else crate;
     platforms = lib.platforms.linux;
   };
 }

@@ -5,6 +5,7 @@
 { config, lib, pkgs, ... }:
 let
   cfg = config.services.fleet-agent;
+  stateDir = cfg.settings.paths.state_dir or "/var/lib/fleet-agent";
   settingsFormat = pkgs.formats.toml { };
   # TOML has no null: drop unset optional settings.
   settings = lib.filterAttrsRecursive (_: value: value != null) cfg.settings;
@@ -25,7 +26,9 @@ in
   options.services.fleet-agent = {
     enable = lib.mkEnableOption "fleet-agent, which pulls signed releases and keeps them only when healthy";
 
-    package = lib.mkPackageOption pkgs "fleet" { };
+    # Not `fleet`: nixpkgs' `fleet` is fleetdm's server. The flake's nixosModules.default sets
+    # this to its own package; without the flake, add its overlay or set it.
+    package = lib.mkPackageOption pkgs "fleet-gitops-agent" { };
 
     settings = lib.mkOption {
       description = ''
@@ -101,9 +104,16 @@ in
         assertion = config.nix.settings.require-sigs or true;
         message = "services.fleet-agent needs nix.settings.require-sigs = true: it refuses to install closures without Nix's signature checks.";
       }
+      {
+        assertion = lib.hasPrefix "/var/lib/" stateDir && !lib.hasInfix ".." stateDir;
+        message = "services.fleet-agent.settings.paths.state_dir must be below /var/lib (it is the unit's StateDirectory), not ${stateDir}.";
+      }
     ];
 
+    # fleet-agent only: fleet-sign (and its SQLite) stays on workstations and the collector.
     environment.systemPackages = [ cfg.package ];
+    # For the CLI (`fleet-agent status` reads it by default); the daemon is given the checked
+    # file's store path itself, so a settings change changes its unit.
     environment.etc."fleet-agent/config.toml".source = checkedConfigFile;
 
     systemd.services.fleet-agent = {
@@ -117,7 +127,9 @@ in
       stopIfChanged = false;
       unitConfig.X-StopOnRemoval = false;
       # nix for realising, systemd-run for switching, ssh for git+ssh channels.
-      path = [ config.nix.package config.systemd.package pkgs.coreutils pkgs.openssh ];
+      path = [ config.nix.package config.systemd.package pkgs.coreutils config.programs.ssh.package ];
+      # Channels, caches and the collector through the host's proxy, as system.autoUpgrade does.
+      environment = config.networking.proxy.envVars;
       serviceConfig = {
         # Ready once the state is loaded; `systemctl status` shows the phase and release; a
         # runtime thread that stops feeding the watchdog is killed and restarted, and the
@@ -125,11 +137,14 @@ in
         Type = "notify";
         NotifyAccess = "main";
         WatchdogSec = "3min";
-        ExecStart = "${lib.getExe' cfg.package "fleet-agent"} --config /etc/fleet-agent/config.toml run";
-        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+        # The checked config by its store path: a release that changes the settings changes
+        # this line, and the agent restarts into it once the release is committed (never during
+        # its trial: restartIfChanged = false). No ExecReload: SIGHUP means "poll now"
+        # (`fleet-agent poll-now`), not "reread the config".
+        ExecStart = "${lib.getExe' cfg.package "fleet-agent"} --config ${checkedConfigFile} run";
         Restart = "always";
         RestartSec = "10s";
-        StateDirectory = "fleet-agent";
+        StateDirectory = lib.removePrefix "/var/lib/" stateDir;
         StateDirectoryMode = "0700";
         # A stop leaves a trial to the next start (the switch goes on in its own transient unit,
         # a health window is run again). With activation.mode = "direct" the switch is the

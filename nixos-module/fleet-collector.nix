@@ -12,7 +12,9 @@ in
   options.services.fleet-collector = {
     enable = lib.mkEnableOption "fleet-collector, which receives and checks the fleet's signed reports";
 
-    package = lib.mkPackageOption pkgs "fleet" { };
+    # fleet-sign; not `fleet`, which is fleetdm's server in nixpkgs. The flake's
+    # nixosModules.default sets it to its own package.
+    package = lib.mkPackageOption pkgs "fleet-gitops" { };
 
     fleet = lib.mkOption {
       type = lib.types.str;

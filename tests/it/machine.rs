@@ -434,6 +434,15 @@ fn a_release_that_changes_the_agents_own_unit_restarts_the_agent_only_after_the_
         environ.contains(&format!("FLEET_FIXTURE_SYSTEM={v2}")),
         "{environ:?}"
     );
+    // ... and the settings the release gave it: its config by a path of its own.
+    let cmdline = machine
+        .read(&format!("/proc/{}/cmdline", main_pid()))
+        .unwrap_or_default();
+    let name = v2.rsplit('/').next().unwrap();
+    assert!(
+        cmdline.contains(&format!("/etc/fleet-agent/config-{name}.toml")),
+        "{cmdline:?}"
+    );
     // One start before the release, the next only after its commit.
     let messages: Vec<String> = machine
         .journal(Some("fleet-agent.service"))

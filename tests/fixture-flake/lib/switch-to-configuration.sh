@@ -62,8 +62,13 @@ case "$action" in
         changed=
         if [ -n "$FLEET_FIXTURE_AGENT_DROPIN" ]; then
             if [ "$behaviour" = new-agent ]; then
+                # New settings, as the NixOS module delivers them: a config file of the new
+                # system's own, named on the agent's command line.
                 mkdir -p "${FLEET_FIXTURE_AGENT_DROPIN%/*}"
-                printf '[Service]\nEnvironment=FLEET_FIXTURE_SYSTEM=%s\n' "$logical" > "$FLEET_FIXTURE_AGENT_DROPIN"
+                config="/etc/fleet-agent/config-${logical##*/}.toml"
+                cp /etc/fleet-agent/config.toml "$config"
+                printf '[Service]\nEnvironment=FLEET_FIXTURE_SYSTEM=%s\nExecStart=\nExecStart=/usr/local/bin/fleet-agent --config %s run\n' \
+                    "$logical" "$config" > "$FLEET_FIXTURE_AGENT_DROPIN"
                 changed=1
             elif [ -e "$FLEET_FIXTURE_AGENT_DROPIN" ]; then
                 rm -f "$FLEET_FIXTURE_AGENT_DROPIN"

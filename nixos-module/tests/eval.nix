@@ -1,0 +1,112 @@
+# Evaluates services.fleet-agent and services.fleet-collector with nixpkgs' real module system
+# (lib.evalModules from nixpkgs' lib) against stub declarations of the NixOS options the two
+# modules touch, typed as NixOS types them, and a stub pkgs whose packages are named store paths.
+# Nothing is built: the point is what the modules make of their options.
+#
+#   import ./eval.nix { lib = import <nixpkgs lib>; config = { services.fleet-agent = …; }; }
+#
+# returns the failed assertions and the parts of the system the tests look at (tests/it/module.rs).
+{ lib, config ? { } }:
+let
+  inherit (lib) mkOption types;
+
+  # A package as the module system sees one: a derivation with a store path.
+  package = name: {
+    type = "derivation";
+    inherit name;
+    outPath = "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-${name}";
+    outputName = "out";
+  };
+
+  pkgs = {
+    coreutils = package "coreutils";
+    git = package "git";
+    openssh = package "openssh";
+    fleet-gitops = package "fleet-gitops";
+    fleet-gitops-agent = package "fleet-gitops-agent";
+    # nixpkgs' formats.toml: its value type, and a file generated from the value (JSON here:
+    # the tests render the settings themselves and hand them to `fleet-agent check-config`).
+    formats.toml = { }: {
+      type =
+        let
+          valueType = types.nullOr (types.oneOf [
+            types.bool
+            types.int
+            types.float
+            types.str
+            types.path
+            (types.attrsOf valueType)
+            (types.listOf valueType)
+          ]) // { description = "TOML value"; };
+        in
+        valueType;
+      generate = name: value: builtins.toFile name (builtins.toJSON value);
+    };
+    # A build step as a file holding its script: its path changes whenever its inputs do.
+    runCommand = name: _env: script: builtins.toFile name script;
+  };
+
+  # systemd.services.<name>, with the options NixOS declares that the modules use.
+  unitOption = types.oneOf [ types.bool types.int types.str types.path (types.listOf (types.oneOf [ types.bool types.int types.str types.path ])) ];
+  service = types.submodule {
+    options = {
+      description = mkOption { type = types.str; default = ""; };
+      wantedBy = mkOption { type = types.listOf types.str; default = [ ]; };
+      wants = mkOption { type = types.listOf types.str; default = [ ]; };
+      after = mkOption { type = types.listOf types.str; default = [ ]; };
+      restartIfChanged = mkOption { type = types.bool; default = true; };
+      stopIfChanged = mkOption { type = types.bool; default = true; };
+      unitConfig = mkOption { type = types.attrsOf unitOption; default = { }; };
+      serviceConfig = mkOption { type = types.attrsOf unitOption; default = { }; };
+      path = mkOption { type = types.listOf (types.oneOf [ types.package types.str ]); default = [ ]; };
+      environment = mkOption { type = types.attrsOf (types.nullOr (types.oneOf [ types.str types.path types.package ])); default = { }; };
+    };
+  };
+
+  stubs = {
+    options = {
+      assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; };
+      warnings = mkOption { type = types.listOf types.str; default = [ ]; };
+      networking.hostName = mkOption { type = types.str; default = "nixos"; };
+      networking.proxy.envVars = mkOption { type = types.attrs; default = { }; };
+      networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
+      programs.ssh.package = mkOption { type = types.package; default = pkgs.openssh; };
+      nix.package = mkOption { type = types.package; default = package "nix"; };
+      nix.settings = mkOption {
+        type = types.submodule { freeformType = types.attrsOf types.anything; };
+        default = { };
+      };
+      systemd.package = mkOption { type = types.package; default = package "systemd"; };
+      systemd.services = mkOption { type = types.attrsOf service; default = { }; };
+      environment.systemPackages = mkOption { type = types.listOf types.package; default = [ ]; };
+      environment.etc = mkOption {
+        type = types.attrsOf (types.submodule { options.source = mkOption { type = types.path; }; });
+        default = { };
+      };
+    };
+  };
+
+  evaluated = lib.evalModules {
+    modules = [
+      stubs
+      { _module.args.pkgs = pkgs; }
+      ../fleet-agent.nix
+      ../fleet-collector.nix
+      config
+    ];
+  };
+  cfg = evaluated.config;
+in
+{
+  failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) cfg.assertions);
+  agent = cfg.systemd.services.fleet-agent or null;
+  collector = cfg.systemd.services.fleet-collector or null;
+  # The settings as the module renders them (it drops unset optional values: TOML has no null).
+  settings =
+    if cfg.services.fleet-agent.enable
+    then lib.filterAttrsRecursive (_: value: value != null) cfg.services.fleet-agent.settings
+    else null;
+  etc = lib.mapAttrs (_: file: file.source) cfg.environment.etc;
+  systemPackages = map (p: p.name) cfg.environment.systemPackages;
+  firewall = cfg.networking.firewall.allowedTCPPorts;
+}

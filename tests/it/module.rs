@@ -1,0 +1,256 @@
+//! The NixOS modules evaluated by nixpkgs' real module system (`nixos-module/tests/eval.nix`,
+//! with stub declarations of the NixOS options they touch): defaults, every assertion, the unit
+//! they make, and settings rendered to TOML that `fleet-agent check-config` accepts.
+//!
+//! nixpkgs' `lib` comes from `$FLEET_NIXPKGS_LIB` (scripts/test unpacks the snapshot in
+//! `../shared/nixpkgs-lib/` there). Without it these tests say so and pass, except under CI
+//! (`CI` set), where they fail: CI never skips them.
+
+use fleet_tests::nix::nix;
+use fleet_tests::{binary, command, run, TestDir};
+use std::path::{Path, PathBuf};
+
+fn nixpkgs_lib() -> Option<PathBuf> {
+    match std::env::var_os("FLEET_NIXPKGS_LIB") {
+        Some(lib) => Some(PathBuf::from(lib)),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("FLEET_NIXPKGS_LIB is not set: CI must evaluate the modules")
+        }
+        None => {
+            eprintln!("module tests skipped: FLEET_NIXPKGS_LIB is not set (scripts/test sets it)");
+            None
+        }
+    }
+}
+
+/// Evaluates the modules with `config` (a Nix expression for a module).
+fn eval(lib: &Path, config: &str) -> serde_json::Value {
+    let harness = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixos-module/tests/eval.nix");
+    let mut c = nix();
+    c.args(["eval", "--json", "--impure", "--expr"])
+        .arg(format!(
+            "import {} {{ lib = import {}; config = {config}; }}",
+            harness.display(),
+            lib.display()
+        ));
+    let out = run(c);
+    out.ok();
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+/// An agent config module with `settings` added to a minimal valid one.
+fn agent(settings: &str) -> String {
+    format!(
+        r#"{{ services.fleet-agent = {{ enable = true; settings = {{
+            fleet = "home";
+            trusted_keys = [ "ops-2026:49SIOpjnGSp5r+SsncgIRf6j4OKvy4m67GEJc2oWQ3s=" ];
+            channel = "git+https://git.example.org/fleet.git#fleet-release";
+            {settings}
+        }}; }}; }}"#
+    )
+}
+
+#[test]
+fn the_agent_module_makes_a_unit_that_survives_its_own_switch() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let out = eval(&lib, &agent(""));
+    assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+    let unit = &out["agent"];
+    let service = &unit["serviceConfig"];
+    // The checked config by its store path, the same file /etc/fleet-agent/config.toml is.
+    let exec = service["ExecStart"].as_str().unwrap();
+    let config = out["etc"]["fleet-agent/config.toml"].as_str().unwrap();
+    assert!(config.starts_with("/nix/store/"), "{config}");
+    assert!(config.ends_with("-fleet-agent-checked.toml"), "{config}");
+    assert!(
+        exec.ends_with(&format!(
+            "-fleet-gitops-agent/bin/fleet-agent --config {config} run"
+        )),
+        "{exec}"
+    );
+    // Never restarted or stopped by a switch; a stop waits for a direct-child switch.
+    assert_eq!(unit["restartIfChanged"], false);
+    assert_eq!(unit["stopIfChanged"], false);
+    assert_eq!(unit["unitConfig"]["X-StopOnRemoval"], false);
+    assert_eq!(service["KillMode"], "mixed");
+    assert_eq!(service["Type"], "notify");
+    assert_eq!(service["WatchdogSec"], "3min");
+    assert_eq!(service["StateDirectory"], "fleet-agent");
+    // SIGHUP is "poll now", not a reload: no ExecReload.
+    assert!(service.get("ExecReload").is_none(), "{service:#}");
+    // The agent alone on the host: no fleet-sign, no SQLite.
+    assert_eq!(
+        out["systemPackages"],
+        serde_json::json!(["fleet-gitops-agent"])
+    );
+    let path: Vec<&str> = unit["path"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    for needed in ["-nix", "-systemd", "-coreutils", "-openssh"] {
+        assert!(path.iter().any(|p| p.ends_with(needed)), "{path:?}");
+    }
+    assert_eq!(out["collector"], serde_json::Value::Null);
+}
+
+#[test]
+fn a_settings_change_changes_the_agents_command_line() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let exec = |settings: &str| {
+        eval(&lib, &agent(settings))["agent"]["serviceConfig"]["ExecStart"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let before = exec("");
+    assert_eq!(exec(""), before, "the same settings, the same unit");
+    assert_ne!(exec("poll_interval = \"5m\";"), before);
+    assert_ne!(exec("health.window = \"2m\";"), before);
+}
+
+#[test]
+fn proxy_and_ssh_come_from_the_hosts_own_settings() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let config = agent("").replacen(
+        "{ services.fleet-agent",
+        r#"{ networking.proxy.envVars = { https_proxy = "http://proxy.example.org:3128"; };
+             programs.ssh.package = { type = "derivation"; name = "openssh-hpn";
+               outPath = "/nix/store/hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh-openssh-hpn"; };
+             services.fleet-agent"#,
+        1,
+    );
+    let out = eval(&lib, &config);
+    assert_eq!(
+        out["agent"]["environment"]["https_proxy"],
+        "http://proxy.example.org:3128"
+    );
+    assert!(out["agent"]["path"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p.as_str().unwrap().ends_with("-openssh-hpn")));
+}
+
+#[test]
+fn every_assertion_of_the_agent_module_fires_and_says_how_to_fix_it() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let rows = [
+        (
+            r#"{ services.fleet-agent = { enable = true; settings = { fleet = "home"; trusted_keys = [ ]; channel = "/srv"; }; }; }"#.to_owned(),
+            "trusted_keys is empty",
+        ),
+        (agent("threshold = 2;"), "threshold is above the number of trusted_keys"),
+        (
+            agent("token_file = \"/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-token\";"),
+            "must be paths outside the Nix store",
+        ),
+        (
+            agent("").replacen("{ services", "{ nix.settings.require-sigs = false; services", 1),
+            "needs nix.settings.require-sigs = true",
+        ),
+        (
+            agent("paths.state_dir = \"/srv/fleet\";"),
+            "state_dir must be below /var/lib",
+        ),
+    ];
+    for (config, message) in rows {
+        let failed = eval(&lib, &config)["failedAssertions"].clone();
+        let failed: Vec<&str> = failed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        assert!(
+            failed.iter().any(|m| m.contains(message)),
+            "{config}: {failed:?}"
+        );
+    }
+    // A state directory of its own below /var/lib is the unit's StateDirectory.
+    let out = eval(&lib, &agent("paths.state_dir = \"/var/lib/fleet\";"));
+    assert_eq!(out["failedAssertions"], serde_json::json!([]));
+    assert_eq!(out["agent"]["serviceConfig"]["StateDirectory"], "fleet");
+}
+
+#[test]
+fn every_documented_setting_renders_to_toml_that_check_config_accepts() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let out = eval(
+        &lib,
+        &agent(
+            r#"
+            host = "router1";
+            threshold = 1;
+            realise = "substitute-or-build";
+            token_file = "/run/secrets/fleet-channel";
+            poll_interval = "5m";
+            poll_splay = "30s";
+            max_backoff = "1h";
+            channel_timeout = "60s";
+            realise_timeout = "1h";
+            max_attempts = 3;
+            activation = { mode = "systemd-run"; timeout = "10m"; reboot = "auto"; reboot_window = "02:00-05:00"; };
+            health = {
+              window = "2m"; interval = "10s"; no_failed_units = true; channel_reachable = true;
+              checks = [
+                { name = "dns"; type = "unit"; unit = "unbound.service"; }
+                { name = "web"; type = "http"; url = "http://127.0.0.1:80/"; status = 200; required = false; timeout = "5s"; }
+                { name = "ssh"; type = "tcp"; address = "127.0.0.1:22"; }
+                { name = "ok"; type = "command"; command = [ "/run/current-system/sw/bin/true" ]; }
+              ];
+            };
+            paths = { state_dir = "/var/lib/fleet-agent"; metrics_dir = "/var/lib/prometheus-node-exporter"; boot_dir = "/boot"; };
+            report = { url = "https://collector.example.org:9400"; heartbeat = "5m"; };
+        "#,
+        ),
+    );
+    assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+    let toml = toml::to_string(&out["settings"]).unwrap();
+    let dir = TestDir::new();
+    let file = dir.join("config.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let mut c = command("fleet-agent");
+    c.arg("check-config").arg(&file);
+    let checked = run(c);
+    assert_eq!(checked.code, Some(0), "{toml}\n{checked}");
+    assert!(binary("fleet-agent").exists());
+}
+
+#[test]
+fn the_collector_module_runs_fleet_sign_collect_as_a_dynamic_user() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let out = eval(
+        &lib,
+        r#"{ services.fleet-collector = {
+            enable = true;
+            fleet = "home";
+            channel = "git+https://git.example.org/fleet.git#fleet-release";
+            trustedKeys = [ "ops-2026:49SIOpjnGSp5r+SsncgIRf6j4OKvy4m67GEJc2oWQ3s=" ];
+            listen = "0.0.0.0:9400";
+            openFirewall = true;
+        }; }"#,
+    );
+    assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+    let service = &out["collector"]["serviceConfig"];
+    let exec = service["ExecStart"].as_str().unwrap();
+    assert!(
+        exec.contains("-fleet-gitops/bin/fleet-sign collect"),
+        "{exec}"
+    );
+    assert!(exec.contains("--fleet home"), "{exec}");
+    assert_eq!(service["DynamicUser"], true);
+    assert_eq!(out["firewall"], serde_json::json!([9400]));
+    assert_eq!(out["agent"], serde_json::Value::Null);
+    // No keys: refused with a reason.
+    let failed = eval(
+        &lib,
+        r#"{ services.fleet-collector = { enable = true; fleet = "home"; channel = "/srv"; trustedKeys = [ ]; }; }"#,
+    )["failedAssertions"]
+        .clone();
+    assert!(
+        failed[0].as_str().unwrap().contains("trustedKeys"),
+        "{failed}"
+    );
+}

@@ -114,6 +114,9 @@ pub struct PathInfo {
     pub path: Option<String>,
     #[serde(default)]
     pub closure_size: Option<u64>,
+    /// Nix 2.8 lists a path it does not have with `"valid": false`.
+    #[serde(default)]
+    pub valid: Option<bool>,
 }
 
 /// Path info from `store` (None: the local store), with closure sizes.
@@ -134,6 +137,7 @@ pub fn path_info(store: Option<&str>, paths: &[String]) -> Result<BTreeMap<Strin
     Ok(match listing {
         Listing::List(infos) => infos
             .into_iter()
+            .filter(|i| i.valid != Some(false))
             .filter_map(|i| Some((i.path.clone()?, i)))
             .collect(),
         Listing::Map(map) => map

@@ -388,3 +388,88 @@ fn printing_commands_end_quietly_when_their_reader_goes() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.signal(), Some(13), "ended by SIGPIPE: {stderr}");
 }
+
+#[test]
+fn systems_built_beforehand_are_released_by_path_and_still_checked_in_the_cache() {
+    let mut op = Fleet::new(&["a", "b"]);
+    op.release(&[]).ok();
+    let b1 = op.fleet.build("b");
+    // CI built a new system for a (here: the fixture build; nix build by fleet-sign is not
+    // needed).
+    op.fleet.set("a", |h| h.version = "2".into());
+    op.fleet.commit("a: 2");
+    let a2 = op.fleet.build("a");
+    let out = op.release(&["--paths", &format!("a={a2}"), "--json"]);
+    out.ok();
+    let doc = op.published_json();
+    assert_eq!(doc["serial"], 2);
+    assert_eq!(doc["hosts"]["a"]["toplevel"], a2.as_str());
+    assert_eq!(
+        doc["hosts"]["b"]["toplevel"],
+        b1.as_str(),
+        "b keeps its entry"
+    );
+    assert_eq!(json(&out)["built"][0]["host"], "a");
+    assert!(json(&out)["built"][0]["closure_size"].as_u64().unwrap() > 0);
+
+    // Refusals publish nothing: an unknown host, a path that is no store path, the same host
+    // twice, and a system in neither the local store nor the cache.
+    let refusals = [
+        (
+            vec!["--paths".to_owned(), format!("zz={a2}")],
+            Some(2),
+            "unknown host 'zz'",
+        ),
+        (
+            vec!["--paths".to_owned(), "a=/etc/passwd".to_owned()],
+            Some(2),
+            "--paths for host 'a'",
+        ),
+        (
+            vec!["--paths".to_owned(), format!("a={a2},a={b1}")],
+            Some(2),
+            "given twice",
+        ),
+        (
+            vec![
+                "--paths".to_owned(),
+                "a=/nix/store/00000000000000000000000000000000-nixos-system-a-9".to_owned(),
+            ],
+            Some(1),
+            "refusing to publish",
+        ),
+        (
+            vec![
+                "--paths".to_owned(),
+                format!("a={a2}"),
+                "--on".to_owned(),
+                "a".to_owned(),
+            ],
+            Some(2),
+            "cannot be used with",
+        ),
+    ];
+    for (extra, code, needle) in refusals {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let out = op.release(&extra);
+        assert_eq!(out.code, code, "{extra:?}: {out}");
+        assert!(out.stderr.contains(needle), "{extra:?}: {out}");
+        assert_eq!(
+            op.published_json()["serial"],
+            2,
+            "{extra:?} published nothing"
+        );
+    }
+
+    // The same from a JSON file.
+    op.fleet.set("b", |h| h.version = "2".into());
+    op.fleet.commit("b: 2");
+    let b2 = op.fleet.build("b");
+    let file = op.dir.join("paths.json");
+    std::fs::write(&file, format!("{{\"b\": \"{b2}\"}}")).unwrap();
+    op.release(&["--paths-from", file.to_str().unwrap()]).ok();
+    let doc = op.published_json();
+    assert_eq!(doc["serial"], 3);
+    assert_eq!(doc["hosts"]["a"]["toplevel"], a2.as_str());
+    assert_eq!(doc["hosts"]["b"]["toplevel"], b2.as_str());
+}

@@ -35,6 +35,15 @@ pub struct Args {
     /// Hosts not named keep their entry from the current release.
     #[arg(long, value_delimiter = ',')]
     on: Vec<String>,
+    /// Release systems built beforehand (by CI, Hydra, nix-fast-build) instead of building:
+    /// HOST=/nix/store/…-nixos-system-…, comma-separated or repeated. Only these hosts change;
+    /// each closure is copied to the cache when it is in the local store, and must be in the
+    /// cache, signed by the cache key, in any case.
+    #[arg(long, value_delimiter = ',', conflicts_with = "on")]
+    paths: Vec<String>,
+    /// Like --paths, from a JSON file: {"HOST": "/nix/store/…", …}.
+    #[arg(long, conflicts_with_all = ["on", "paths"])]
+    paths_from: Option<PathBuf>,
     /// The flake holding nixosConfigurations (default: from the config, else ".").
     #[arg(long)]
     flake: Option<String>,
@@ -171,6 +180,55 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
         groups: config.raw.groups,
         hosts: config.raw.hosts,
     })
+}
+
+/// The systems given with `--paths` or `--paths-from`, checked against the flake's hosts; `None`
+/// when the hosts are to be built.
+fn prebuilt_paths(args: &Args, all_hosts: &[String]) -> Result<Option<BTreeMap<String, String>>> {
+    let pairs: Vec<(String, String)> = if let Some(file) = &args.paths_from {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("could not read {}", file.display()))?;
+        let map: BTreeMap<String, String> = serde_json::from_str(&text).map_err(|e| {
+            crate::usage(format!(
+                "{} is not a JSON object of host names to store paths: {e}",
+                file.display()
+            ))
+        })?;
+        map.into_iter().collect()
+    } else if !args.paths.is_empty() {
+        args.paths
+            .iter()
+            .map(|pair| {
+                pair.split_once('=')
+                    .map(|(h, p)| (h.trim().to_owned(), p.trim().to_owned()))
+                    .ok_or_else(|| {
+                        crate::usage(format!("--paths '{pair}' is not HOST=/nix/store/…"))
+                    })
+            })
+            .collect::<Result<_>>()?
+    } else {
+        return Ok(None);
+    };
+    let mut given = BTreeMap::new();
+    for (host, path) in pairs {
+        if !all_hosts.contains(&host) {
+            return Err(crate::usage(format!(
+                "unknown host '{host}' in --paths: the flake's nixosConfigurations are {}",
+                all_hosts.join(", ")
+            )));
+        }
+        StorePath::parse(&path)
+            .map_err(|e| crate::usage(format!("--paths for host '{host}': {e}")))?;
+        if given.insert(host.clone(), path).is_some() {
+            return Err(crate::usage(format!(
+                "host '{host}' is given twice in --paths"
+            )));
+        }
+    }
+    if given.is_empty() {
+        return Err(crate::usage("--paths-from names no host"));
+    }
+    Ok(Some(given))
 }
 
 /// Resolves `--on` (names and @groups) against the flake's hosts.
@@ -333,20 +391,45 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
 
-    eprintln!("building {} host(s): {}", chosen.len(), chosen.join(", "));
-    let built = nix::build_toplevels(&source.locked_url, &chosen)?;
-    for (host, path) in &built {
-        eprintln!("  built {host:<20} {path}");
-    }
+    let prebuilt = prebuilt_paths(&args, &all_hosts)?;
+    let built = match &prebuilt {
+        Some(given) => {
+            for (host, path) in given {
+                eprintln!("  given {host:<20} {path}");
+            }
+            given.clone()
+        }
+        None => {
+            eprintln!("building {} host(s): {}", chosen.len(), chosen.join(", "));
+            let built = nix::build_toplevels(&source.locked_url, &chosen)?;
+            for (host, path) in &built {
+                eprintln!("  built {host:<20} {path}");
+            }
+            built
+        }
+    };
     let paths: Vec<String> = built.values().cloned().collect();
 
-    eprintln!("copying {} closure(s) to {}", paths.len(), settings.cache);
+    // What is in the local store goes to the cache; systems given by path may be there already.
+    let local: Vec<String> = if prebuilt.is_some() {
+        let found = nix::path_info(None, &paths).unwrap_or_default();
+        paths
+            .iter()
+            .filter(|p| found.contains_key(*p))
+            .cloned()
+            .collect()
+    } else {
+        paths.clone()
+    };
     let upload = match &settings.cache_key {
         Some((key, _)) => with_secret_key(&settings.cache, key),
         None => settings.cache.clone(),
     };
-    nix::copy_to(&upload, &paths)
-        .with_context(|| format!("could not copy the closures to {}", settings.cache))?;
+    if !local.is_empty() {
+        eprintln!("copying {} closure(s) to {}", local.len(), settings.cache);
+        nix::copy_to(&upload, &local)
+            .with_context(|| format!("could not copy the closures to {}", settings.cache))?;
+    }
     match &settings.cache_key {
         Some((_, public)) => nix::verify_in_store(&settings.cache, &[public.to_string()], &paths)
             .with_context(|| {
@@ -371,7 +454,7 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
-    let sizes = nix::path_info(None, &paths)?;
+    let sizes = nix::path_info(Some(&settings.cache), &paths)?;
 
     let mut hosts: BTreeMap<String, HostEntry> = BTreeMap::new();
     if let Some((release, _)) = &previous {

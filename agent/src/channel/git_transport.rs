@@ -532,6 +532,9 @@ fn tip_from_ls_refs(lines: &[String], refname: &str) -> Option<String> {
     })
 }
 
+/// The most an `ls-refs` answer for one ref may take.
+const MAX_LS_REFS_BYTES: usize = 64 << 10;
+
 /// Asks the remote, with git protocol v2 `ls-refs` and a ref prefix, where one branch points:
 /// a few hundred bytes whatever the number of refs the remote has. `None` when the remote or
 /// its URL scheme does not support it (the caller then fetches with libgit2 as usual).
@@ -551,13 +554,18 @@ pub async fn remote_tip_v2(url: &str, refname: &str, settings: &Settings) -> Opt
             )
             .body(ls_refs_request(refname));
         let request = authorize(request, url, settings);
-        let response = request.send().await.ok()?;
+        let mut response = request.send().await.ok()?;
         if !response.status().is_success() {
             return None;
         }
-        let bytes = response.bytes().await.ok()?;
-        if bytes.len() > 64 << 10 {
-            return None;
+        // Capped while it streams: an endless answer costs at most the cap, not the memory
+        // it would take to hold it all.
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.ok()? {
+            if bytes.len() + chunk.len() > MAX_LS_REFS_BYTES {
+                return None;
+            }
+            bytes.extend_from_slice(&chunk);
         }
         let (lines, _) = parse_pkt_lines(&bytes)?;
         return tip_from_ls_refs(&lines, refname);
@@ -584,7 +592,7 @@ pub async fn remote_tip_v2(url: &str, refname: &str, settings: &Settings) -> Opt
             let mut chunk = [0u8; 4096];
             let rest = loop {
                 let n = stream.read(&mut chunk).await.ok()?;
-                if n == 0 || buffer.len() > 64 << 10 {
+                if n == 0 || buffer.len() > MAX_LS_REFS_BYTES {
                     return None;
                 }
                 buffer.extend_from_slice(&chunk[..n]);
@@ -602,7 +610,7 @@ pub async fn remote_tip_v2(url: &str, refname: &str, settings: &Settings) -> Opt
                     return tip_from_ls_refs(&lines, refname);
                 }
                 let n = stream.read(&mut chunk).await.ok()?;
-                if n == 0 || buffer.len() > 64 << 10 {
+                if n == 0 || buffer.len() > MAX_LS_REFS_BYTES {
                     return None;
                 }
                 buffer.extend_from_slice(&chunk[..n]);
@@ -642,5 +650,53 @@ mod v2_tests {
         assert_eq!(tip_from_ls_refs(&lines, "fleet"), None);
         assert_eq!(parse_pkt_lines(b"zz"), None);
         assert_eq!(parse_pkt_lines(b"0001"), None);
+    }
+
+    #[tokio::test]
+    async fn an_endless_ls_refs_answer_is_cut_at_the_cap_while_it_streams() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let sent = Arc::new(AtomicUsize::new(0));
+        let counter = sent.clone();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-git-upload-pack-result\r\n\
+                        Transfer-Encoding: chunked\r\n\r\n";
+            socket.write_all(head.as_bytes()).await.unwrap();
+            // pkt-lines of refs, for ever (until the client hangs up).
+            let line = pkt(&format!("{} refs/heads/x\n", "a".repeat(40)));
+            let chunk = [
+                format!("{:x}\r\n", line.len() * 64).into_bytes(),
+                line.repeat(64),
+                b"\r\n".to_vec(),
+            ]
+            .concat();
+            while socket.write_all(&chunk).await.is_ok() {
+                counter.fetch_add(chunk.len(), Ordering::Relaxed);
+            }
+        });
+        let settings = Settings {
+            token: None,
+            ssh_key: None,
+            ssh_known_hosts: None,
+            timeout: Duration::from_secs(60),
+            runtime: None,
+        };
+        let url = format!("http://{address}/fleet.git");
+        let tip = tokio::time::timeout(
+            Duration::from_secs(20),
+            remote_tip_v2(&url, "fleet-release", &settings),
+        )
+        .await
+        .expect("the answer is given up at its cap, not read to the channel timeout");
+        assert_eq!(tip, None);
+        // What the server got out before the client hung up: the cap plus socket buffers.
+        let sent = sent.load(Ordering::Relaxed);
+        assert!(sent < 16 << 20, "{sent} bytes");
     }
 }

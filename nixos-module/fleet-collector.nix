@@ -117,6 +117,17 @@ in
         MemoryDenyWriteExecute = true;
         SystemCallArchitectures = "native";
         CapabilityBoundingSet = "";
+        PrivateUsers = true;
+        UMask = "0077";
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        ProtectHostname = true;
+        ProtectClock = true;
+        ProtectKernelLogs = true;
+        ProtectProc = "invisible";
+        ProcSubset = "pid";
+        DevicePolicy = "closed";
+        RemoveIPC = true;
       };
     };
   };

@@ -254,3 +254,105 @@ fn the_collector_module_runs_fleet_sign_collect_as_a_dynamic_user() {
         "{failed}"
     );
 }
+
+#[test]
+fn the_collector_runs_under_its_modules_hardening_in_a_booted_machine() {
+    use crate::common::Fleet;
+    use fleet_tests::machine::Machine;
+    let Some(lib) = nixpkgs_lib() else { return };
+    let fleet = Fleet::new(&["a"]);
+    fleet.release(&[]).ok();
+    let out = eval(
+        &lib,
+        &format!(
+            r#"{{ services.fleet-collector = {{ enable = true; fleet = "home";
+                channel = "/srv/channel"; trustedKeys = [ "{}" ];
+                listen = "127.0.0.1:9400"; refresh = "1s"; }}; }}"#,
+            fleet.release_public_key()
+        ),
+    );
+    // The unit as NixOS would write it, with fleet-sign where the machine has it.
+    let service = out["collector"]["serviceConfig"].as_object().unwrap();
+    let mut unit = String::from("[Unit]\nDescription=fleet-collector\n\n[Service]\n");
+    unit += "Environment=PATH=/usr/bin:/bin\n";
+    for (key, value) in service {
+        let values = match value {
+            serde_json::Value::Array(items) => items.clone(),
+            other => vec![other.clone()],
+        };
+        for value in values {
+            let text = match value {
+                serde_json::Value::Bool(b) => if b { "yes" } else { "no" }.to_owned(),
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            let text = match text.find("-fleet-gitops/bin/") {
+                Some(at) if key == "ExecStart" => {
+                    let start = text[..at].rfind("/nix/store/").unwrap();
+                    format!("{}/usr/local/bin/{}", &text[..start], &text[at + 18..])
+                }
+                _ => text,
+            };
+            unit += &format!("{key}={text}\n");
+        }
+    }
+    let mut machine = Machine::new(
+        &fleet.dir.join("machines/c"),
+        "c",
+        &[(fleet.channel_dir.as_path(), "/srv/channel")],
+    );
+    machine.link("/etc/systemd/system/fleet-agent.service", "/dev/null");
+    machine.link("/etc/systemd/system/fleet-boot.service", "/dev/null");
+    machine.write("/etc/systemd/system/fleet-collector.service", &unit);
+    machine.boot();
+    let started = machine.exec(&["systemctl", "start", "fleet-collector.service"]);
+    assert_eq!(started.code, Some(0), "{started}\n{unit}");
+    let status = || {
+        machine.exec(&[
+            "fleet-sign",
+            "status",
+            "--collector",
+            "http://127.0.0.1:9400",
+        ])
+    };
+    let seen = (0..150).any(|_| {
+        let up = status().stdout.starts_with("fleet home: release 1");
+        if !up {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        up
+    });
+    assert!(
+        seen,
+        "{}\n{:#?}\n{unit}",
+        status(),
+        machine
+            .journal(Some("fleet-collector.service"))
+            .iter()
+            .map(|e| e["MESSAGE"].as_str().unwrap_or("").to_owned())
+            .collect::<Vec<_>>()
+    );
+    // Not root: a user of its own, made for it.
+    let pid = machine
+        .exec(&[
+            "systemctl",
+            "show",
+            "-p",
+            "MainPID",
+            "--value",
+            "fleet-collector",
+        ])
+        .stdout
+        .trim()
+        .to_owned();
+    let proc_status = machine.read(&format!("/proc/{pid}/status")).unwrap();
+    let uid = proc_status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_ne!(uid, "0", "{proc_status}");
+}

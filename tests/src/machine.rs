@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Bump when the image recipe changes: the cache keys on it.
-const IMAGE_VERSION: &str = "bookworm-v3";
+const IMAGE_VERSION: &str = "bookworm-v4";
 const PACKAGES: &str = "systemd,systemd-sysv,dbus,libdbi-perl,nix-bin,iproute2,procps";
 
 const FIXTURE_ENV: &str = "FLEET_FIXTURE_LOG=/var/log/fleet-switch.log
@@ -239,6 +239,7 @@ fn customise(root: &Path) {
     std::fs::create_dir_all(root.join("etc/fleet-fixture-control")).unwrap();
     std::fs::create_dir_all(root.join("usr/local/bin")).unwrap();
     std::fs::write(root.join("usr/local/bin/fleet-agent"), b"").unwrap();
+    std::fs::write(root.join("usr/local/bin/fleet-sign"), b"").unwrap();
     std::fs::create_dir_all(root.join("srv/channel")).unwrap();
 }
 
@@ -353,6 +354,10 @@ impl Machine {
             .arg(format!(
                 "--bind-ro={}:/usr/local/bin/fleet-agent",
                 binary("fleet-agent").display()
+            ))
+            .arg(format!(
+                "--bind-ro={}:/usr/local/bin/fleet-sign",
+                binary("fleet-sign").display()
             ))
             .arg(format!(
                 "--network-namespace-path=/run/netns/{}",

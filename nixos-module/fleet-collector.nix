@@ -66,6 +66,31 @@ in
       default = 100;
       description = "Reports kept per host besides the latest.";
     };
+
+    tokenFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/run/secrets/fleet-channel";
+      description = ''
+        A file holding the token of a private git+https channel, sent as the HTTPS password (the
+        user from the URL, else `fleet`), as the agent's `token_file` is. Handed to the dynamic
+        user through systemd's LoadCredential, so it may be readable by root alone; a path
+        outside the Nix store.
+      '';
+    };
+
+    sshKeyFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/run/secrets/fleet-deploy-key";
+      description = "An SSH deploy key for a git+ssh channel (through LoadCredential; outside the Nix store).";
+    };
+
+    sshKnownHostsFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      description = "A known_hosts file with the git server's host key (git+ssh channels); unknown host keys are refused.";
+    };
   };
 
   config = lib.mkIf cfg.enable {
@@ -73,6 +98,14 @@ in
       {
         assertion = cfg.trustedKeys != [ ] && cfg.threshold <= lib.length cfg.trustedKeys;
         message = "services.fleet-collector.trustedKeys must hold at least `threshold` release keys.";
+      }
+      {
+        assertion = lib.all (f: f == null || !lib.isStorePath f) [ cfg.tokenFile cfg.sshKeyFile ];
+        message = "services.fleet-collector.tokenFile and sshKeyFile must be paths outside the Nix store: the store is readable by every user.";
+      }
+      {
+        assertion = cfg.sshKeyFile == null || cfg.sshKnownHostsFile != null;
+        message = "services.fleet-collector.sshKeyFile needs sshKnownHostsFile: the collector has no home and never accepts an unknown host key.";
       }
     ];
 
@@ -84,7 +117,16 @@ in
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
       # git and ssh read git channels.
-      path = [ pkgs.git pkgs.openssh ];
+      path = [ pkgs.git config.programs.ssh.package ];
+      # Credentials for a private channel, from LoadCredential below: git asks a credential
+      # helper that reads the token, and ssh uses the deploy key and known_hosts.
+      environment = lib.optionalAttrs (cfg.tokenFile != null) {
+        GIT_CONFIG_COUNT = "1";
+        GIT_CONFIG_KEY_0 = "credential.helper";
+        GIT_CONFIG_VALUE_0 = ''!f() { user=; while read -r line; do case "$line" in username=*) user=1;; esac; done; [ -n "$user" ] || echo username=fleet; echo "password=$(cat "$CREDENTIALS_DIRECTORY/channel-token")"; }; f'';
+      } // lib.optionalAttrs (cfg.sshKeyFile != null) {
+        GIT_SSH_COMMAND = "ssh -i %d/ssh-key -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile=%d/known-hosts -o StrictHostKeyChecking=yes";
+      };
       serviceConfig = {
         ExecStart = lib.escapeShellArgs ([
           (lib.getExe' cfg.package "fleet-sign")
@@ -99,6 +141,10 @@ in
         ] ++ lib.concatMap (key: [ "--key" key ]) cfg.trustedKeys);
         Restart = "always";
         RestartSec = "5s";
+        LoadCredential =
+          lib.optional (cfg.tokenFile != null) "channel-token:${cfg.tokenFile}"
+          ++ lib.optional (cfg.sshKeyFile != null) "ssh-key:${cfg.sshKeyFile}"
+          ++ lib.optional (cfg.sshKnownHostsFile != null) "known-hosts:${cfg.sshKnownHostsFile}";
         DynamicUser = true;
         StateDirectory = "fleet-collector";
         StateDirectoryMode = "0700";
@@ -116,6 +162,9 @@ in
         LockPersonality = true;
         MemoryDenyWriteExecute = true;
         SystemCallArchitectures = "native";
+        # A machine test reads a git:// channel under it (git included); git+ssh is not yet tested.
+        SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
+        SystemCallErrorNumber = "EPERM";
         CapabilityBoundingSet = "";
         PrivateUsers = true;
         UMask = "0077";

@@ -73,6 +73,21 @@ fn wait(machine: &Machine, what: &str, seconds: u64, done: impl Fn() -> bool) {
     );
 }
 
+/// Waits for `toplevel` (release 1) to be committed after one trial switch and one boot
+/// switch, with nothing recorded as bad.
+fn committed_after_one_trial(machine: &Machine, toplevel: &str) {
+    wait(machine, "release 1 is committed", 60, || {
+        machine.state()["last_good"] == toplevel
+    });
+    assert_eq!(
+        machine.switch_calls(),
+        [format!("test {toplevel}"), format!("boot {toplevel}")]
+    );
+    assert_eq!(machine.state()["bad"], serde_json::Value::Null);
+    let expected = Some(toplevel.to_owned());
+    assert_eq!(machine.committed(), (expected.clone(), expected));
+}
+
 fn field<'a>(entry: &'a serde_json::Value, name: &str) -> &'a str {
     entry[name].as_str().unwrap_or("")
 }
@@ -181,15 +196,7 @@ fn a_direct_switch_outlives_a_restart_of_the_agent_and_its_release_is_committed(
     });
     let restarted = machine.exec(&["systemctl", "restart", "fleet-agent.service"]);
     assert_eq!(restarted.code, Some(0), "{restarted}");
-    wait(&machine, "release 1 is committed", 60, || {
-        machine.state()["last_good"] == v2.as_str()
-    });
-    assert_eq!(
-        machine.switch_calls(),
-        [format!("test {v2}"), format!("boot {v2}")]
-    );
-    assert_eq!(machine.state()["bad"], serde_json::Value::Null);
-    assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
+    committed_after_one_trial(&machine, &v2);
 }
 
 #[test]
@@ -201,16 +208,8 @@ fn restarting_the_agent_mid_trial_kills_no_switch_and_the_new_agent_finishes_the
     });
     let restarted = machine.exec(&["systemctl", "restart", "fleet-agent.service"]);
     assert_eq!(restarted.code, Some(0), "{restarted}");
-    wait(&machine, "release 1 is committed", 60, || {
-        machine.state()["last_good"] == v2.as_str()
-    });
     // One trial switch, run to its end: not killed by the restart, not started again.
-    assert_eq!(
-        machine.switch_calls(),
-        [format!("test {v2}"), format!("boot {v2}")]
-    );
-    assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
-    assert_eq!(machine.state()["bad"], serde_json::Value::Null);
+    committed_after_one_trial(&machine, &v2);
     // The first agent left the trial to the second, which took it over (waiting for the switch
     // when it still ran, reading its recorded result otherwise) and ran the health window.
     let journal = machine.journal(Some("fleet-agent.service"));
@@ -515,17 +514,9 @@ fn a_hung_agent_is_restarted_by_its_watchdog_and_finishes_the_trial() {
     // The next start must not hang again.
     machine.write(dropin, "[Service]\nWatchdogSec=3s\n");
     assert_eq!(machine.exec(&["systemctl", "daemon-reload"]).code, Some(0));
-    wait(&machine, "release 1 is committed", 60, || {
-        machine.state()["last_good"] == v2.as_str()
-    });
+    committed_after_one_trial(&machine, &v2);
     assert!(said("Watchdog timeout"), "systemd killed the agent");
     assert!(said("resuming: release 1 is active"));
-    assert_eq!(
-        machine.switch_calls(),
-        [format!("test {v2}"), format!("boot {v2}")]
-    );
-    assert_eq!(machine.state()["bad"], serde_json::Value::Null);
-    assert_eq!(machine.committed(), (Some(v2.clone()), Some(v2.clone())));
 }
 
 #[test]

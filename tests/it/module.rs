@@ -262,11 +262,13 @@ fn the_collector_runs_under_its_modules_hardening_in_a_booted_machine() {
     let Some(lib) = nixpkgs_lib() else { return };
     let fleet = Fleet::new(&["a"]);
     fleet.release(&[]).ok();
+    // The channel is git, served by `git daemon` in the machine: the collector runs git under
+    // its sandbox (system call filter included).
     let out = eval(
         &lib,
         &format!(
             r#"{{ services.fleet-collector = {{ enable = true; fleet = "home";
-                channel = "/srv/channel"; trustedKeys = [ "{}" ];
+                channel = "git://127.0.0.1/fleet.git"; trustedKeys = [ "{}" ];
                 listen = "127.0.0.1:9400"; refresh = "1s"; }}; }}"#,
             fleet.release_public_key()
         ),
@@ -296,15 +298,26 @@ fn the_collector_runs_under_its_modules_hardening_in_a_booted_machine() {
             unit += &format!("{key}={text}\n");
         }
     }
+    let remotes = fleet.git_remote.parent().unwrap().to_owned();
     let mut machine = Machine::new(
         &fleet.dir.join("machines/c"),
         "c",
-        &[(fleet.channel_dir.as_path(), "/srv/channel")],
+        &[(remotes.as_path(), "/srv/remotes")],
     );
     machine.link("/etc/systemd/system/fleet-agent.service", "/dev/null");
     machine.link("/etc/systemd/system/fleet-boot.service", "/dev/null");
     machine.write("/etc/systemd/system/fleet-collector.service", &unit);
     machine.boot();
+    let daemon = machine.exec(&[
+        "systemd-run",
+        "--unit=git-daemon",
+        "/usr/bin/git",
+        "daemon",
+        "--base-path=/srv/remotes",
+        "--export-all",
+        "--listen=127.0.0.1",
+    ]);
+    assert_eq!(daemon.code, Some(0), "{daemon}");
     let started = machine.exec(&["systemctl", "start", "fleet-collector.service"]);
     assert_eq!(started.code, Some(0), "{started}\n{unit}");
     let status = || {
@@ -355,4 +368,80 @@ fn the_collector_runs_under_its_modules_hardening_in_a_booted_machine() {
         .unwrap()
         .to_owned();
     assert_ne!(uid, "0", "{proc_status}");
+}
+
+#[test]
+fn the_collector_reads_a_private_git_channel_with_the_credentials_its_module_hands_it() {
+    use crate::common::Fleet;
+    use fleet_tests::git::{GitHttpServer, SshServer};
+    let Some(lib) = nixpkgs_lib() else { return };
+    let fleet = Fleet::new(&["a"]);
+    fleet.release(&[]).ok();
+    let secrets = fleet.dir.join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("token"), "s3cret\n").unwrap();
+    std::fs::write(secrets.join("wrong-token"), "guess\n").unwrap();
+    let http = GitHttpServer::serve(&fleet.dir.join("remotes"), Some("s3cret"));
+    let ssh = SshServer::start(&fleet.dir.join("sshd"));
+    let empty_known_hosts = secrets.join("empty_known_hosts");
+    std::fs::write(&empty_known_hosts, "").unwrap();
+
+    // Reads the channel the way the collector's unit would: the module's environment, its
+    // LoadCredential files in a credentials directory, `%d` expanded by "systemd".
+    let read = |channel: &str, options: &str| {
+        let out = eval(
+            &lib,
+            &format!(
+                r#"{{ services.fleet-collector = {{ enable = true; fleet = "home";
+                    channel = "{channel}"; trustedKeys = [ "{}" ]; {options} }}; }}"#,
+                fleet.release_public_key()
+            ),
+        );
+        assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+        let unit = &out["collector"];
+        let credentials = TestDir::new();
+        for entry in unit["serviceConfig"]["LoadCredential"].as_array().unwrap() {
+            let (id, source) = entry.as_str().unwrap().split_once(':').unwrap();
+            std::fs::copy(source, credentials.join(id)).unwrap();
+        }
+        let mut c = command("fleet-sign");
+        c.args([
+            "verify",
+            "--from",
+            channel,
+            "--key",
+            &fleet.release_public_key(),
+        ]);
+        c.env("CREDENTIALS_DIRECTORY", credentials.path());
+        for (key, value) in unit["environment"].as_object().unwrap() {
+            let value = value.as_str().unwrap();
+            c.env(
+                key,
+                value.replace("%d", &credentials.path().display().to_string()),
+            );
+        }
+        // No ssh-agent or user config of the test machine's root may help.
+        c.env_remove("SSH_AUTH_SOCK")
+            .env("HOME", credentials.path());
+        run(c)
+    };
+    let http_url = format!("git+{}", http.url("fleet.git"));
+    let ssh_url = format!("git+{}", ssh.url(&fleet.git_remote));
+    let token = |name: &str| format!("tokenFile = \"{}\";", secrets.join(name).display());
+    let deploy_key = |known_hosts: &std::path::Path| {
+        format!(
+            "sshKeyFile = \"{}\"; sshKnownHostsFile = \"{}\";",
+            ssh.client_key.display(),
+            known_hosts.display()
+        )
+    };
+    let ok = read(&http_url, &token("token"));
+    assert_eq!(ok.code, Some(0), "{ok}");
+    assert!(ok.stdout.starts_with("release 1 of fleet 'home'"), "{ok}");
+    assert_ne!(read(&http_url, &token("wrong-token")).code, Some(0));
+    assert_ne!(read(&http_url, "").code, Some(0), "no token, no release");
+    let ok = read(&ssh_url, &deploy_key(&ssh.known_hosts));
+    assert_eq!(ok.code, Some(0), "{ok}");
+    let unknown_host = read(&ssh_url, &deploy_key(&empty_known_hosts));
+    assert_ne!(unknown_host.code, Some(0), "{unknown_host}");
 }

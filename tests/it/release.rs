@@ -334,12 +334,16 @@ fn fleet_toml_paths_are_relative_to_the_file_wherever_fleet_sign_runs() {
         ),
     )
     .unwrap();
-    let mut c = command("fleet-sign");
-    c.current_dir("/")
-        .arg("release")
-        .arg("--config")
-        .arg(&config);
-    run(c).ok();
+    // Run from elsewhere: nothing may be taken relative to the working directory.
+    let release_from_root = || {
+        let mut c = command("fleet-sign");
+        c.current_dir("/")
+            .arg("release")
+            .arg("--config")
+            .arg(&config);
+        run(c)
+    };
+    release_from_root().ok();
     let doc = op.published_json();
     assert_eq!(doc["serial"], 1);
     assert_eq!(doc["hosts"]["a"]["toplevel"], op.fleet.build("a"));
@@ -351,12 +355,7 @@ fn fleet_toml_paths_are_relative_to_the_file_wherever_fleet_sign_runs() {
          channels = [\"www\"]\n",
     )
     .unwrap();
-    let mut c = command("fleet-sign");
-    c.current_dir("/")
-        .arg("release")
-        .arg("--config")
-        .arg(&config);
-    let out = run(c);
+    let out = release_from_root();
     assert_eq!(out.code, Some(2), "{out}");
     assert!(
         out.stderr.contains(&format!(

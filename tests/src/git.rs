@@ -84,7 +84,15 @@ impl GitHttpServer {
                             })
                     });
                     if !authorized {
-                        let _ = request.respond(tiny_http::Response::empty(401));
+                        // As a real forge answers: the challenge that makes git (curl) ask its
+                        // credential helpers.
+                        let challenge = tiny_http::Header::from_bytes(
+                            "WWW-Authenticate",
+                            "Basic realm=\"git\"",
+                        )
+                        .unwrap();
+                        let _ =
+                            request.respond(tiny_http::Response::empty(401).with_header(challenge));
                         continue;
                     }
                 }

@@ -21,8 +21,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Bump when the image recipe changes: the cache keys on it.
-const IMAGE_VERSION: &str = "bookworm-v4";
-const PACKAGES: &str = "systemd,systemd-sysv,dbus,libdbi-perl,nix-bin,iproute2,procps";
+const IMAGE_VERSION: &str = "bookworm-v5";
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,libdbi-perl,nix-bin,iproute2,procps,git";
 
 const FIXTURE_ENV: &str = "FLEET_FIXTURE_LOG=/var/log/fleet-switch.log
 FLEET_FIXTURE_CURRENT=/run/current-system

@@ -20,6 +20,9 @@
         default = self.packages.${pkgs.stdenv.hostPlatform.system}.fleet-gitops;
       });
 
+      # NixOS VM tests (vm-tests/): `nix flake check` on Linux with KVM.
+      checks = forAllSystems (pkgs: import ./vm-tests { inherit pkgs self; });
+
       # The modules with this flake's packages as their defaults, passed in rather than through
       # nixpkgs.overlays, so hosts whose pkgs are shared and read-only (nixpkgs' readOnlyPkgs)
       # evaluate too.

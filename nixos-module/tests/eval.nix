@@ -6,7 +6,10 @@
 #   import ./eval.nix { lib = import <nixpkgs lib>; config = { services.fleet-agent = …; }; }
 #
 # returns the failed assertions and the parts of the system the tests look at (tests/it/module.rs).
-{ lib, config ? { } }:
+# With `viaFlake = true` the modules come from the flake's own `nixosModules.default` (flake.nix
+# evaluated against a stub nixpkgs), with `vmTest = "NAME"` the configuration is that VM test's
+# host node (vm-tests/), which imports the flake's module itself.
+{ lib, config ? { }, viaFlake ? false, vmTest ? null }:
 let
   inherit (lib) mkOption types;
 
@@ -44,7 +47,25 @@ let
     };
     # A build step as a file holding its script: its path changes whenever its inputs do.
     runCommand = name: _env: script: builtins.toFile name script;
+    stdenv.hostPlatform.system = "x86_64-linux";
+    # package.nix, as the flake calls it: the agent alone or both binaries (named apart from
+    # the pkgs attributes, so a test sees which one a module got).
+    callPackage = _path: args: package (if args ? crate then "flake-fleet-gitops-agent" else "flake-fleet-gitops");
+    # The VM test as runNixOSTest receives it.
+    testers.runNixOSTest = test: test;
   };
+
+  # flake.nix's outputs against a nixpkgs that is this lib and the stub pkgs.
+  flake =
+    let
+      nixpkgs = {
+        inherit lib;
+        legacyPackages = lib.genAttrs [ "x86_64-linux" "aarch64-linux" ] (_: pkgs);
+      };
+      self = (import ../../flake.nix).outputs { inherit self nixpkgs; };
+    in
+    self;
+  vmTests = import ../../vm-tests { inherit pkgs; self = flake; };
 
   # systemd.services.<name>, with the options NixOS declares that the modules use.
   unitOption = types.oneOf [ types.bool types.int types.str types.path (types.listOf (types.oneOf [ types.bool types.int types.str types.path ])) ];
@@ -70,6 +91,10 @@ let
       networking.hostName = mkOption { type = types.str; default = "nixos"; };
       networking.proxy.envVars = mkOption { type = types.attrs; default = { }; };
       networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
+      specialisation = mkOption {
+        type = types.attrsOf (types.submodule { options.configuration = mkOption { type = types.deferredModule; default = { }; }; });
+        default = { };
+      };
       programs.ssh.package = mkOption { type = types.package; default = pkgs.openssh; };
       nix.package = mkOption { type = types.package; default = package "nix"; };
       nix.settings = mkOption {
@@ -80,7 +105,11 @@ let
       systemd.services = mkOption { type = types.attrsOf service; default = { }; };
       environment.systemPackages = mkOption { type = types.listOf types.package; default = [ ]; };
       environment.etc = mkOption {
-        type = types.attrsOf (types.submodule { options.source = mkOption { type = types.path; }; });
+        type = types.attrsOf (types.submodule ({ name, config, ... }: {
+          options.text = mkOption { type = types.nullOr types.lines; default = null; };
+          options.source = mkOption { type = types.path; };
+          config.source = lib.mkIf (config.text != null) (lib.mkDefault (builtins.toFile (baseNameOf name) config.text));
+        }));
         default = { };
       };
     };
@@ -90,10 +119,12 @@ let
     modules = [
       stubs
       { _module.args.pkgs = pkgs; }
-      ../fleet-agent.nix
-      ../fleet-collector.nix
-      config
-    ];
+    ]
+    ++ (
+      if vmTest != null then [ vmTests.${vmTest}.nodes.host ]
+      else if viaFlake then [ flake.nixosModules.default config ]
+      else [ ../fleet-agent.nix ../fleet-collector.nix config ]
+    );
   };
   cfg = evaluated.config;
 in
@@ -109,4 +140,6 @@ in
   etc = lib.mapAttrs (_: file: file.source) cfg.environment.etc;
   systemPackages = map (p: p.name) cfg.environment.systemPackages;
   firewall = cfg.networking.firewall.allowedTCPPorts;
+  specialisations = builtins.attrNames cfg.specialisation;
+  vmTests = lib.mapAttrs (_: test: { inherit (test) name; script = test.testScript; }) vmTests;
 }

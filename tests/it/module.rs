@@ -25,11 +25,16 @@ fn nixpkgs_lib() -> Option<PathBuf> {
 
 /// Evaluates the modules with `config` (a Nix expression for a module).
 fn eval(lib: &Path, config: &str) -> serde_json::Value {
+    eval_with(lib, &format!("config = {config};"))
+}
+
+/// Evaluates the harness with `arguments` (`config = …; viaFlake = true; vmTest = "…";`).
+fn eval_with(lib: &Path, arguments: &str) -> serde_json::Value {
     let harness = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixos-module/tests/eval.nix");
     let mut c = nix();
     c.args(["eval", "--json", "--impure", "--expr"])
         .arg(format!(
-            "import {} {{ lib = import {}; config = {config}; }}",
+            "import {} {{ lib = import {}; {arguments} }}",
             harness.display(),
             lib.display()
         ));
@@ -444,4 +449,67 @@ fn the_collector_reads_a_private_git_channel_with_the_credentials_its_module_han
     assert_eq!(ok.code, Some(0), "{ok}");
     let unknown_host = read(&ssh_url, &deploy_key(&empty_known_hosts));
     assert_ne!(unknown_host.code, Some(0), "{unknown_host}");
+}
+
+#[test]
+fn the_flakes_module_brings_the_flakes_own_packages_without_an_overlay() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let config = agent("").replacen(
+        "{ services.fleet-agent",
+        r#"{ services.fleet-collector = { enable = true; fleet = "home"; channel = "/srv";
+               trustedKeys = [ "ops-2026:49SIOpjnGSp5r+SsncgIRf6j4OKvy4m67GEJc2oWQ3s=" ]; };
+             services.fleet-agent"#,
+        1,
+    );
+    let out = eval_with(&lib, &format!("config = {config}; viaFlake = true;"));
+    assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+    let agent = out["agent"]["serviceConfig"]["ExecStart"].as_str().unwrap();
+    assert!(
+        agent.contains("-flake-fleet-gitops-agent/bin/fleet-agent "),
+        "{agent}"
+    );
+    let collector = out["collector"]["serviceConfig"]["ExecStart"]
+        .as_str()
+        .unwrap();
+    assert!(
+        collector.contains("-flake-fleet-gitops/bin/fleet-sign"),
+        "{collector}"
+    );
+    assert_eq!(
+        out["systemPackages"],
+        serde_json::json!(["flake-fleet-gitops-agent"])
+    );
+}
+
+#[test]
+fn the_vm_tests_evaluate_with_the_flakes_module_and_their_scripts_parse() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let out = eval_with(&lib, r#"vmTest = "switch-and-rollback";"#);
+    // The test's host: the flake's module, the agent enabled, the systems it releases.
+    assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+    assert!(out["agent"]["serviceConfig"]["ExecStart"]
+        .as_str()
+        .unwrap()
+        .contains("-flake-fleet-gitops-agent/bin/fleet-agent"));
+    assert_eq!(out["specialisations"], serde_json::json!(["bad", "good"]));
+    let key = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../vm-tests/keys/release.sec.pub"),
+    )
+    .unwrap();
+    assert_eq!(
+        out["settings"]["trusted_keys"],
+        serde_json::json!([key.trim()])
+    );
+    // Every test script is Python the test driver can load.
+    let tests = out["vmTests"].as_object().unwrap();
+    assert!(!tests.is_empty());
+    let dir = TestDir::new();
+    for (name, test) in tests {
+        let file = dir.join(format!("{name}.py"));
+        std::fs::write(&file, test["script"].as_str().unwrap()).unwrap();
+        let mut c = std::process::Command::new("python3");
+        c.args(["-m", "py_compile"]).arg(&file);
+        let compiled = run(c);
+        assert_eq!(compiled.code, Some(0), "{name}: {compiled}");
+    }
 }

@@ -28,6 +28,9 @@ fn every_nix_file_parses() {
         "package.nix",
         "nixos-module/fleet-agent.nix",
         "nixos-module/fleet-collector.nix",
+        "nixos-module/tests/eval.nix",
+        "vm-tests/default.nix",
+        "vm-tests/switch-and-rollback.nix",
     ] {
         assert!(
             files.contains(&root.join(expected)),

@@ -23,6 +23,8 @@ let
 
   pkgs = {
     coreutils = package "coreutils";
+    bash = package "bash";
+    gnugrep = package "gnugrep";
     git = package "git";
     openssh = package "openssh";
     fleet-gitops = package "fleet-gitops";
@@ -91,6 +93,9 @@ let
       networking.hostName = mkOption { type = types.str; default = "nixos"; };
       networking.proxy.envVars = mkOption { type = types.attrs; default = { }; };
       networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
+      # Set by the VM tests, read by nothing here.
+      boot = mkOption { type = types.submodule { freeformType = types.attrsOf types.anything; }; default = { }; };
+      virtualisation = mkOption { type = types.submodule { freeformType = types.attrsOf types.anything; }; default = { }; };
       specialisation = mkOption {
         type = types.attrsOf (types.submodule { options.configuration = mkOption { type = types.deferredModule; default = { }; }; });
         default = { };

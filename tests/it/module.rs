@@ -491,7 +491,10 @@ fn the_vm_tests_evaluate_with_the_flakes_module_and_their_scripts_parse() {
         .as_str()
         .unwrap()
         .contains("-flake-fleet-gitops-agent/bin/fleet-agent"));
-    assert_eq!(out["specialisations"], serde_json::json!(["bad", "good"]));
+    assert_eq!(
+        out["specialisations"],
+        serde_json::json!(["bad", "good", "sick", "slow"])
+    );
     let key = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../vm-tests/keys/release.sec.pub"),
     )
@@ -500,10 +503,17 @@ fn the_vm_tests_evaluate_with_the_flakes_module_and_their_scripts_parse() {
         out["settings"]["trusted_keys"],
         serde_json::json!([key.trim()])
     );
+    // Its agent settings are a config the agent takes.
+    let dir = TestDir::new();
+    let file = dir.join("config.toml");
+    std::fs::write(&file, toml::to_string(&out["settings"]).unwrap()).unwrap();
+    let mut c = command("fleet-agent");
+    c.arg("check-config").arg(&file);
+    let checked = run(c);
+    assert_eq!(checked.code, Some(0), "{checked}");
     // Every test script is Python the test driver can load.
     let tests = out["vmTests"].as_object().unwrap();
     assert!(!tests.is_empty());
-    let dir = TestDir::new();
     for (name, test) in tests {
         let file = dir.join(format!("{name}.py"));
         std::fs::write(&file, test["script"].as_str().unwrap()).unwrap();

@@ -12,20 +12,11 @@ use crate::activate::systemd_booted;
 use crate::channel::Channel;
 use crate::config::{Check, CheckKind, Config};
 use crate::process;
-use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-/// The result of one check in the last round.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckResult {
-    pub name: String,
-    pub required: bool,
-    pub ok: bool,
-    pub detail: String,
-}
+pub use crate::state::CheckResult;
 
 /// The verdict of a health window.
 #[derive(Debug, Clone)]

@@ -119,6 +119,16 @@ pub struct BadRelease {
     pub reason: String,
 }
 
+/// The result of one check in the last round of a health window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckResult {
+    pub name: String,
+    pub required: bool,
+    pub ok: bool,
+    pub detail: String,
+}
+
 /// How often the current release was tried.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,6 +172,9 @@ pub struct State {
     /// later boot must run `last_good`, or the bootloader did not take the boot default.
     #[serde(default)]
     pub committed_boot: Option<String>,
+    /// The last health window's results, kept across restarts for reports and metrics.
+    #[serde(default)]
+    pub last_health: Vec<CheckResult>,
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`; a container booted by systemd-nspawn has
@@ -189,6 +202,7 @@ impl State {
             reboot_needed: false,
             committed_serial: None,
             committed_boot: boot_id(),
+            last_health: Vec::new(),
         }
     }
 }

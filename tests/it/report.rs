@@ -746,3 +746,33 @@ fn a_host_sending_too_fast_is_held_to_its_rate_and_others_are_not() {
     let (body, signature) = paper.report(1, 1);
     assert_eq!(collector.post(&body, Some(&signature)).0, 200);
 }
+
+#[test]
+fn the_last_health_results_outlive_a_restart_of_the_agent() {
+    let names = ["a"];
+    let (mut fleet, hosts, config) = reporting_fleet(&names);
+    let host = &hosts[0];
+    release(&mut fleet, &config, &names, "2", &[]);
+    let collector = Collector::start(
+        &fleet.dir.join("collector.db"),
+        &fleet.channel_dir.display().to_string(),
+        &fleet.release_public_key(),
+    );
+    let metrics = report_to(&fleet, host, &collector.url, "");
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(outcome["outcome"], "committed", "{outcome}");
+    let checks = |text: &str| text.contains("fleet_agent_health_check_ok{");
+    assert!(checks(&std::fs::read_to_string(&metrics).unwrap()));
+
+    // Another process, nothing new to do: its report and metrics still carry the last window.
+    let (code2, outcome) = host.once_outcome();
+    assert_eq!((code, code2), (Some(0), Some(0)), "{outcome}");
+    assert_eq!(outcome["outcome"], "up-to-date", "{outcome}");
+    assert!(checks(&std::fs::read_to_string(&metrics).unwrap()));
+    assert!(!host.state()["last_health"].as_array().unwrap().is_empty());
+    wait_until("the collector has the restarted agent's report", 20, || {
+        let report = &collector.host("a")["report"];
+        report["outcome"] == "up-to-date"
+            && report["health"].as_array().is_some_and(|h| !h.is_empty())
+    });
+}

@@ -243,3 +243,45 @@ fn a_boot_step_that_leaves_the_boot_default_alone_is_not_a_commit() {
         ]
     );
 }
+
+#[test]
+fn the_standing_error_names_the_cause_that_stands_now() {
+    use fleet_tests::http::Mode;
+    let mut fleet = Fleet::new(&["a"]);
+    let host = fleet.host("a", Channel::Http);
+    let v1 = fleet.fleet.build("a");
+    bump(&mut fleet, "2", "fail");
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(code, Some(4), "{outcome}");
+    let error = |host: &fleet_tests::host::SimHost| host.state()["last_error"]["code"].clone();
+    assert_eq!(error(&host), "switch_failed");
+
+    // A burst of server errors: the channel is the cause now.
+    fleet.www.set_mode(Mode::Status(500));
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(code, Some(1), "{outcome}");
+    assert_eq!(error(&host), "channel_unreachable");
+
+    // The channel answers again: the release that failed here is what stands, not the channel.
+    fleet.www.set_mode(Mode::Normal);
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(
+        (code, outcome["outcome"].as_str()),
+        (Some(0), Some("known-bad"))
+    );
+    assert_eq!(error(&host), "switch_failed");
+    let status = fleet_tests::run(host.agent(&["status", "--json"]))
+        .ok()
+        .stdout
+        .clone();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["state"]["last_error"]["code"], "switch_failed", "{status}");
+    host.assert_on(&v1);
+
+    // A fixed release clears it.
+    let v3 = bump(&mut fleet, "3", "ok");
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    host.assert_on(&v3);
+    assert!(host.state()["last_error"].is_null(), "{}", host.state());
+}

@@ -203,7 +203,7 @@ impl Agent {
         let started = Instant::now();
         let verdict = health.window(&mut self.channel, &self.cancel).await;
         self.durations.record("health", started);
-        self.last_health = verdict.results.clone();
+        self.state.last_health = verdict.results.clone();
         if verdict.cancelled {
             // The candidate stays active; the next start runs the window again (or, after a
             // reboot into the last good system, rolls back).

@@ -153,8 +153,6 @@ pub struct Agent {
     last_verdict: Option<Result<VerifiedRelease, VerifyError>>,
     /// Signs and queues reports for the collector, when one is configured.
     reporter: Option<Arc<Reporter>>,
-    /// The last health window's results.
-    pub(crate) last_health: Vec<CheckResult>,
     /// How long the steps of the last deploy took.
     pub(crate) durations: Durations,
     /// The last cycle's outcome name, and what made it news (see [`Outcome::news`]).
@@ -217,7 +215,6 @@ impl Agent {
             cancel,
             last_verdict: None,
             reporter,
-            last_health: Vec::new(),
             durations: Durations::default(),
             last_outcome: None,
             awaiting_window: None,
@@ -265,6 +262,7 @@ impl Agent {
             candidate: store_path(candidate),
             last_good: store_path(self.state.last_good.clone()),
             health: self
+                .state
                 .last_health
                 .iter()
                 .take(MAX_CHECKS)
@@ -318,6 +316,43 @@ impl Agent {
         self.publish(Event::Phase);
         crate::notify::status(&self.status_line());
         saved
+    }
+
+    /// Each cycle's outcome replaces or clears the standing error, so it names a cause that
+    /// stands now: a failure records its own; a release known to be bad for this host keeps its
+    /// reason standing; an outcome with nothing wrong clears it (a boot drift stands until a
+    /// boot runs the committed system).
+    fn settle_error(&mut self, outcome: &Outcome) {
+        let standing = match outcome {
+            Outcome::KnownBad { .. } => self.state.bad.as_ref().map(|bad| LastError {
+                code: bad.code.clone(),
+                message: bad.reason.clone(),
+                at: match &self.state.last_error {
+                    Some(e) if e.code == bad.code && e.serial == Some(bad.serial) => e.at,
+                    _ => unix_now(),
+                },
+                serial: Some(bad.serial),
+            }),
+            Outcome::NoRelease
+            | Outcome::UpToDate { .. }
+            | Outcome::Waiting { .. }
+            | Outcome::Committed { .. }
+            | Outcome::Rebooting { .. } => match &self.state.last_error {
+                Some(e) if e.code == "boot_drift" && self.boot_drift().is_some() => return,
+                _ => None,
+            },
+            Outcome::Refused { .. }
+            | Outcome::Failed { .. }
+            | Outcome::RolledBack { .. }
+            | Outcome::RollbackFailed { .. }
+            | Outcome::Stopped { .. } => return,
+        };
+        if self.state.last_error != standing {
+            self.state.last_error = standing;
+            if let Err(e) = self.save() {
+                log::error!("{e}");
+            }
+        }
     }
 
     /// Why this boot runs something other than the committed system, when the machine booted
@@ -421,6 +456,7 @@ impl Agent {
     /// outcome when it is news.
     pub async fn cycle(&mut self) -> Outcome {
         let outcome = self.cycle_inner().await;
+        self.settle_error(&outcome);
         let news = outcome.news();
         let is_news = self
             .last_outcome

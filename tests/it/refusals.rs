@@ -383,3 +383,38 @@ fn a_host_whose_nix_config_turns_signature_checks_off_activates_nothing() {
     assert!(host.switch_calls().is_empty());
     assert!(!host.state_dir.join("gcroots/candidate").exists());
 }
+
+#[test]
+fn hostile_git_over_http_is_bounded_and_changes_nothing() {
+    let s = setup(Channel::Http);
+    // A git channel on the hostile server, with a channel timeout longer than the stall rule.
+    let channel = format!("git+{}/fleet.git", s.fleet.www.url());
+    s.host.write_config(
+        &s.fleet
+            .settings(&[s.fleet.release_public_key()], 1, &channel),
+        "channel_timeout = \"40s\"",
+        "",
+    );
+    for (mode, code, within) in [
+        (Mode::Status(500), "channel_unreachable", 15),
+        (Mode::Endless, "too_large", 30),
+        // An answer that stops arriving fails after the 20 s stall rule, not the 40 s timeout.
+        (Mode::Stall, "channel_timeout", 35),
+    ] {
+        s.fleet.www.set_mode(mode.clone());
+        let started = std::time::Instant::now();
+        let out = run(s.host.agent(&["once", "--json"]));
+        let elapsed = started.elapsed();
+        let outcome: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(out.code, Some(1), "{mode:?}: {out}");
+        assert_eq!(outcome["code"], code, "{mode:?}: {outcome}");
+        assert!(elapsed.as_secs() < within, "{mode:?} took {elapsed:?}");
+        // The fetch ended with the poll: nothing ran on into a runtime that was gone.
+        assert!(
+            !out.stderr.contains("panicked") && !out.stderr.contains("being shutdown"),
+            "{mode:?}: {out}"
+        );
+        s.host.assert_on(&s.v2);
+        assert_eq!(s.host.state()["last_error"]["code"], code, "{mode:?}");
+    }
+}

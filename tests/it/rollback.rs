@@ -275,7 +275,10 @@ fn the_standing_error_names_the_cause_that_stands_now() {
         .stdout
         .clone();
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(status["state"]["last_error"]["code"], "switch_failed", "{status}");
+    assert_eq!(
+        status["state"]["last_error"]["code"], "switch_failed",
+        "{status}"
+    );
     host.assert_on(&v1);
 
     // A fixed release clears it.

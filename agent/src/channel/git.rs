@@ -7,6 +7,8 @@
 use super::git_transport;
 use super::{ChannelError, Fetched, Polled, FILES, MAX_GIT_FETCH_BYTES};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 const TIP_REF: &str = "refs/fleet/tip";
@@ -39,6 +41,7 @@ impl GitChannel {
                 ssh_known_hosts,
                 timeout,
                 runtime: None,
+                cancelled: None,
             },
             last_tip: None,
         }
@@ -72,6 +75,11 @@ impl GitChannel {
         }
         let mut transport = self.transport.clone();
         transport.runtime = Some(tokio::runtime::Handle::current());
+        // When this poll is given up (its timeout, shutdown), the fetch on the blocking thread
+        // stops too: no request after that, libgit2 told to abort.
+        let cancelled = Arc::new(AtomicBool::new(false));
+        transport.cancelled = Some(cancelled.clone());
+        let _cancel_on_drop = CancelOnDrop(cancelled);
         let job = Job {
             url: self.url.clone(),
             refname: self.refname.clone(),
@@ -84,6 +92,15 @@ impl GitChannel {
             .map_err(|e| ChannelError::Git(format!("git fetch task failed: {e}")))??;
         self.last_tip = tip;
         Ok(polled)
+    }
+}
+
+/// Sets the flag when dropped: the poll's future is dropped when the poll gives up.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -123,7 +140,10 @@ impl Job {
         git_transport::register().map_err(|e| git_error("cannot set up git transports", e))?;
         git_transport::configure(self.transport.clone());
         let mut callbacks = git2::RemoteCallbacks::new();
-        callbacks.transfer_progress(|progress| progress.received_bytes() <= MAX_GIT_FETCH_BYTES);
+        let transport = self.transport.clone();
+        callbacks.transfer_progress(move |progress| {
+            progress.received_bytes() <= MAX_GIT_FETCH_BYTES && !transport.is_cancelled()
+        });
 
         let refspec = format!("+refs/heads/{}:{TIP_REF}", self.refname);
         let mut options = git2::FetchOptions::new();
@@ -139,10 +159,21 @@ impl Job {
         }
         if let Err(error) = remote.fetch(&[&refspec], Some(&mut options), None) {
             let stats = remote.stats();
-            if stats.received_bytes() > MAX_GIT_FETCH_BYTES {
+            if stats.received_bytes() > MAX_GIT_FETCH_BYTES
+                || error.message().contains(git_transport::TOO_LARGE)
+            {
                 return Err(ChannelError::TooLarge {
                     what: format!("git fetch from '{}'", self.url),
                     limit: MAX_GIT_FETCH_BYTES,
+                });
+            }
+            if error.message().contains(git_transport::STALLED) {
+                return Err(ChannelError::TimedOut {
+                    what: format!(
+                        "the next bytes of the git fetch from '{}' (the answer stalled)",
+                        self.url
+                    ),
+                    after: super::STALL_TIMEOUT.min(self.transport.timeout),
                 });
             }
             if error.message().contains("couldn't find remote ref") {

@@ -31,7 +31,23 @@ pub struct Settings {
     pub timeout: Duration,
     /// The agent's runtime, to drive reqwest from the blocking fetch thread.
     pub runtime: Option<tokio::runtime::Handle>,
+    /// Set when the poll that started this fetch gave up: no further request is made, and
+    /// libgit2 is told to stop.
+    pub cancelled: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
+
+impl Settings {
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// How an answer over the cap is reported through libgit2, so the fetch can say `too_large`.
+pub const TOO_LARGE: &str = "is over the size limit";
+/// How a stalled answer is reported through libgit2, so the fetch can say `channel_timeout`.
+pub const STALLED: &str = "stopped sending";
 
 static SETTINGS: Mutex<Option<Settings>> = Mutex::new(None);
 
@@ -88,6 +104,7 @@ fn http_client(settings: &Settings) -> Option<reqwest::Client> {
     reqwest::Client::builder()
         .connect_timeout(super::CONNECT_TIMEOUT)
         .timeout(settings.timeout.max(Duration::from_secs(1)))
+        .read_timeout(super::STALL_TIMEOUT.min(settings.timeout.max(Duration::from_secs(1))))
         .user_agent(concat!(
             "git/2.0 (fleet-agent/",
             env!("CARGO_PKG_VERSION"),
@@ -167,6 +184,9 @@ struct HttpStream {
 impl HttpStream {
     fn send(&mut self) -> std::io::Result<Vec<u8>> {
         let settings = settings();
+        if settings.is_cancelled() {
+            return Err(error("the poll gave up on this fetch"));
+        }
         let runtime = settings
             .runtime
             .clone()
@@ -186,24 +206,32 @@ impl HttpStream {
         let request = authorize(request, &self.url, &settings);
         let url = self.url.clone();
         runtime.block_on(async move {
-            let mut response = request
-                .send()
-                .await
-                .map_err(|e| error(format!("cannot fetch {url}: {e}")))?;
+            let mut response = request.send().await.map_err(|e| {
+                if e.is_timeout() {
+                    error(format!("{url} {STALLED}: {e}"))
+                } else {
+                    error(format!("cannot fetch {url}: {e}"))
+                }
+            })?;
             let status = response.status();
             if !status.is_success() {
                 return Err(error(format!("{url} answered HTTP {status}")));
             }
             let mut bytes = Vec::new();
-            while let Some(chunk) = response
-                .chunk()
-                .await
-                .map_err(|e| error(format!("cannot read {url}: {e}")))?
-            {
+            while let Some(chunk) = response.chunk().await.map_err(|e| {
+                if e.is_timeout() {
+                    error(format!("{url} {STALLED}: {e}"))
+                } else {
+                    error(format!("cannot read {url}: {e}"))
+                }
+            })? {
                 if bytes.len() + chunk.len() > MAX_GIT_FETCH_BYTES {
                     return Err(error(format!(
-                        "{url} sent more than {MAX_GIT_FETCH_BYTES} bytes: refusing"
+                        "the answer of {url} {TOO_LARGE} of {MAX_GIT_FETCH_BYTES} bytes"
                     )));
+                }
+                if settings.is_cancelled() {
+                    return Err(error("the poll gave up on this fetch"));
                 }
                 bytes.extend_from_slice(&chunk);
             }
@@ -686,6 +714,7 @@ mod v2_tests {
             ssh_known_hosts: None,
             timeout: Duration::from_secs(60),
             runtime: None,
+            cancelled: None,
         };
         let url = format!("http://{address}/fleet.git");
         let tip = tokio::time::timeout(

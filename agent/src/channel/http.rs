@@ -4,13 +4,10 @@
 //! idle poll is one small request answered `304 Not Modified`; the signatures only when the
 //! document changed.
 
-use super::{ChannelError, Fetched, Polled, CONNECT_TIMEOUT, FILES};
+use super::{ChannelError, Fetched, Polled, CONNECT_TIMEOUT, FILES, STALL_TIMEOUT};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::StatusCode;
 use std::time::Duration;
-
-/// Longest wait for the next bytes of a response before it counts as stalled.
-const READ_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct HttpChannel {
     base: String,
@@ -41,7 +38,7 @@ impl HttpChannel {
         }
         let client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT.min(timeout))
+            .read_timeout(STALL_TIMEOUT.min(timeout))
             .timeout(timeout)
             .user_agent(concat!("fleet-agent/", env!("CARGO_PKG_VERSION")))
             .default_headers(headers)

@@ -15,6 +15,9 @@ use std::time::Duration;
 
 /// Longest a connection may take to open.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the next bytes of a response (HTTP, git over HTTP) before it counts as
+/// stalled, whatever time the whole poll has left.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most bytes one git fetch may receive.
 pub const MAX_GIT_FETCH_BYTES: usize = 64 << 20;
 

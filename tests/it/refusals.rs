@@ -397,7 +397,10 @@ fn hostile_git_over_http_is_bounded_and_changes_nothing() {
     );
     for (mode, code, within) in [
         (Mode::Status(500), "channel_unreachable", 15),
-        (Mode::Endless, "too_large", 30),
+        // Garbage: refused as soon as it is not git.
+        (Mode::Endless, "channel_unreachable", 15),
+        // A valid ref advertisement that never ends: cut at its cap while it streams.
+        (Mode::EndlessRefs, "too_large", 30),
         // An answer that stops arriving fails after the 20 s stall rule, not the 40 s timeout.
         (Mode::Stall, "channel_timeout", 35),
     ] {

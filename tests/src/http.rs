@@ -20,6 +20,9 @@ pub enum Mode {
     Status(u16),
     /// Answer 200 with a body that never ends.
     Endless,
+    /// Answer 200 with a git ref advertisement (smart HTTP) that never ends: valid pkt-lines,
+    /// one ref after another.
+    EndlessRefs,
     /// Answer 200, send a few bytes, then nothing for as long as the client waits.
     Stall,
     /// Serve only the first half of each file.
@@ -153,6 +156,34 @@ impl Read for Endless {
     }
 }
 
+/// A smart-HTTP ref advertisement that never ends.
+struct EndlessRefs {
+    pending: Vec<u8>,
+    next: u64,
+}
+
+impl Read for EndlessRefs {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pending.len() < buf.len() {
+            let line = if self.next == 0 {
+                "# service=git-upload-pack\n".to_owned()
+            } else {
+                format!("{:040x} refs/heads/branch-{}\n", self.next, self.next)
+            };
+            self.pending
+                .extend(format!("{:04x}{line}", line.len() + 4).into_bytes());
+            if self.next == 0 {
+                self.pending.extend(b"0000");
+            }
+            self.next += 1;
+        }
+        let n = buf.len();
+        buf.copy_from_slice(&self.pending[..n]);
+        self.pending.drain(..n);
+        Ok(n)
+    }
+}
+
 /// A body that sends a few bytes, then stalls until the server stops.
 struct Stalled {
     sent: bool,
@@ -196,6 +227,20 @@ fn respond(shared: &Arc<Shared>, request: tiny_http::Request) {
             200.into(),
             Vec::new(),
             Endless,
+            None,
+            None,
+        )),
+        Mode::EndlessRefs => request.respond(tiny_http::Response::new(
+            200.into(),
+            vec![tiny_http::Header::from_bytes(
+                "Content-Type",
+                "application/x-git-upload-pack-advertisement",
+            )
+            .unwrap()],
+            EndlessRefs {
+                pending: Vec::new(),
+                next: 0,
+            },
             None,
             None,
         )),

@@ -165,6 +165,9 @@ impl SmartSubtransport for HttpTransport {
             content_type,
             body: Vec::new(),
             response: None,
+            chunk: Cursor::new(Vec::new()),
+            received: 0,
+            done: false,
         }))
     }
 
@@ -178,12 +181,31 @@ struct HttpStream {
     url: String,
     content_type: Option<&'static str>,
     body: Vec<u8>,
-    response: Option<Cursor<Vec<u8>>>,
+    /// The answer being read, once the request went out.
+    response: Option<reqwest::Response>,
+    /// The chunk being handed to libgit2.
+    chunk: Cursor<Vec<u8>>,
+    received: usize,
+    done: bool,
 }
 
+/// The most a ref advertisement (`info/refs`) may take: thousands of refs fit in a fraction of
+/// it, and libgit2 keeps every ref it parses in memory.
+const MAX_REF_ADVERTISEMENT_BYTES: usize = 4 << 20;
+
 impl HttpStream {
-    fn send(&mut self) -> std::io::Result<Vec<u8>> {
-        let settings = settings();
+    /// The cap on this answer: the ref advertisement's, or a whole fetch's (the pack goes to
+    /// disk through libgit2's indexer as it arrives).
+    fn limit(&self) -> usize {
+        if self.content_type.is_none() {
+            MAX_REF_ADVERTISEMENT_BYTES
+        } else {
+            MAX_GIT_FETCH_BYTES
+        }
+    }
+
+    /// Sends the request; the answer is then read chunk by chunk, as libgit2 asks for it.
+    fn send(&mut self, settings: &Settings) -> std::io::Result<reqwest::Response> {
         if settings.is_cancelled() {
             return Err(error("the poll gave up on this fetch"));
         }
@@ -191,8 +213,7 @@ impl HttpStream {
             .runtime
             .clone()
             .ok_or_else(|| error("git over HTTP needs the agent's runtime"))?;
-        let client =
-            http_client(&settings).ok_or_else(|| error("cannot set up the HTTP client"))?;
+        let client = http_client(settings).ok_or_else(|| error("cannot set up the HTTP client"))?;
         let mut request = client.request(self.method.clone(), &self.url);
         if let Some(content_type) = self.content_type {
             request = request
@@ -203,10 +224,10 @@ impl HttpStream {
                 )
                 .body(std::mem::take(&mut self.body));
         }
-        let request = authorize(request, &self.url, &settings);
+        let request = authorize(request, &self.url, settings);
         let url = self.url.clone();
         runtime.block_on(async move {
-            let mut response = request.send().await.map_err(|e| {
+            let response = request.send().await.map_err(|e| {
                 if e.is_timeout() {
                     error(format!("{url} {STALLED}: {e}"))
                 } else {
@@ -217,36 +238,57 @@ impl HttpStream {
             if !status.is_success() {
                 return Err(error(format!("{url} answered HTTP {status}")));
             }
-            let mut bytes = Vec::new();
-            while let Some(chunk) = response.chunk().await.map_err(|e| {
-                if e.is_timeout() {
-                    error(format!("{url} {STALLED}: {e}"))
-                } else {
-                    error(format!("cannot read {url}: {e}"))
-                }
-            })? {
-                if bytes.len() + chunk.len() > MAX_GIT_FETCH_BYTES {
-                    return Err(error(format!(
-                        "the answer of {url} {TOO_LARGE} of {MAX_GIT_FETCH_BYTES} bytes"
-                    )));
-                }
-                if settings.is_cancelled() {
-                    return Err(error("the poll gave up on this fetch"));
-                }
-                bytes.extend_from_slice(&chunk);
-            }
-            Ok(bytes)
+            Ok(response)
         })
+    }
+
+    /// The next chunk of the answer, or `None` at its end; capped, stall-bounded, cancellable.
+    fn next_chunk(&mut self, settings: &Settings) -> std::io::Result<Option<Vec<u8>>> {
+        if settings.is_cancelled() {
+            return Err(error("the poll gave up on this fetch"));
+        }
+        let runtime = settings
+            .runtime
+            .clone()
+            .ok_or_else(|| error("git over HTTP needs the agent's runtime"))?;
+        let response = self.response.as_mut().expect("the request was sent");
+        let url = &self.url;
+        let chunk = runtime.block_on(response.chunk()).map_err(|e| {
+            if e.is_timeout() {
+                error(format!("{url} {STALLED}: {e}"))
+            } else {
+                error(format!("cannot read {url}: {e}"))
+            }
+        })?;
+        if let Some(chunk) = &chunk {
+            self.received += chunk.len();
+            if self.received > self.limit() {
+                return Err(error(format!(
+                    "the answer of {url} {TOO_LARGE} of {} bytes",
+                    self.limit()
+                )));
+            }
+        }
+        Ok(chunk.map(|c| c.to_vec()))
     }
 }
 
 impl Read for HttpStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let settings = settings();
         if self.response.is_none() {
-            let bytes = self.send()?;
-            self.response = Some(Cursor::new(bytes));
+            self.response = Some(self.send(&settings)?);
         }
-        self.response.as_mut().expect("response is set").read(buf)
+        loop {
+            let n = self.chunk.read(buf)?;
+            if n > 0 || buf.is_empty() || self.done {
+                return Ok(n);
+            }
+            match self.next_chunk(&settings)? {
+                Some(chunk) => self.chunk = Cursor::new(chunk),
+                None => self.done = true,
+            }
+        }
     }
 }
 

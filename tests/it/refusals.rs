@@ -294,6 +294,8 @@ fn hostile_http_channel_is_bounded_and_changes_nothing() {
         (Mode::Status(500), 1, "channel_unreachable"),
         (Mode::Endless, 1, "too_large"),
         (Mode::Stall, 1, "channel_timeout"),
+        (Mode::Trickle, 1, "channel_timeout"),
+        (Mode::RedirectLoop, 1, "channel_unreachable"),
         (Mode::Truncate, 3, "signature_invalid"),
         (Mode::Tamper, 3, "signature_invalid"),
     ] {
@@ -389,21 +391,25 @@ fn hostile_git_over_http_is_bounded_and_changes_nothing() {
     let s = setup(Channel::Http);
     // A git channel on the hostile server, with a channel timeout longer than the stall rule.
     let channel = format!("git+{}/fleet.git", s.fleet.www.url());
-    s.host.write_config(
-        &s.fleet
-            .settings(&[s.fleet.release_public_key()], 1, &channel),
-        "channel_timeout = \"40s\"",
-        "",
-    );
-    for (mode, code, within) in [
-        (Mode::Status(500), "channel_unreachable", 15),
+    // (answer, channel_timeout, reason code, must end within seconds)
+    for (mode, timeout, code, within) in [
+        (Mode::Status(500), "40s", "channel_unreachable", 15),
         // Garbage: refused as soon as it is not git.
-        (Mode::Endless, "channel_unreachable", 15),
+        (Mode::Endless, "40s", "channel_unreachable", 15),
         // A valid ref advertisement that never ends: cut at its cap while it streams.
-        (Mode::EndlessRefs, "too_large", 30),
+        (Mode::EndlessRefs, "40s", "too_large", 30),
         // An answer that stops arriving fails after the 20 s stall rule, not the 40 s timeout.
-        (Mode::Stall, "channel_timeout", 35),
+        (Mode::Stall, "40s", "channel_timeout", 35),
+        // One byte a second is no stall: the poll's own timeout ends it.
+        (Mode::Trickle, "8s", "channel_timeout", 20),
+        (Mode::RedirectLoop, "40s", "channel_unreachable", 15),
     ] {
+        s.host.write_config(
+            &s.fleet
+                .settings(&[s.fleet.release_public_key()], 1, &channel),
+            &format!("channel_timeout = \"{timeout}\""),
+            "",
+        );
         s.fleet.www.set_mode(mode.clone());
         let started = std::time::Instant::now();
         let out = run(s.host.agent(&["once", "--json"]));

@@ -23,6 +23,11 @@ pub enum Mode {
     /// Answer 200 with a git ref advertisement (smart HTTP) that never ends: valid pkt-lines,
     /// one ref after another.
     EndlessRefs,
+    /// Answer 200 with that endless advertisement at one byte a second: never a stall, never
+    /// an end.
+    Trickle,
+    /// Answer every request with a redirect to itself.
+    RedirectLoop,
     /// Answer 200, send a few bytes, then nothing for as long as the client waits.
     Stall,
     /// Serve only the first half of each file.
@@ -184,6 +189,26 @@ impl Read for EndlessRefs {
     }
 }
 
+/// A body that sends one byte a second until the server stops (at most five minutes).
+struct Trickle {
+    refs: EndlessRefs,
+    shared: Arc<Shared>,
+    sent: u32,
+}
+
+impl Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() || self.sent >= 300 || self.shared.stop.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        if self.sent > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        self.sent += 1;
+        self.refs.read(&mut buf[..1])
+    }
+}
+
 /// A body that sends a few bytes, then stalls until the server stops.
 struct Stalled {
     sent: bool,
@@ -244,6 +269,25 @@ fn respond(shared: &Arc<Shared>, request: tiny_http::Request) {
             None,
             None,
         )),
+        Mode::Trickle => request.respond(tiny_http::Response::new(
+            200.into(),
+            Vec::new(),
+            Trickle {
+                refs: EndlessRefs {
+                    pending: Vec::new(),
+                    next: 0,
+                },
+                shared: shared.clone(),
+                sent: 0,
+            },
+            None,
+            None,
+        )),
+        Mode::RedirectLoop => {
+            let location = request.url().to_owned();
+            let header = tiny_http::Header::from_bytes("Location", location).unwrap();
+            request.respond(tiny_http::Response::empty(302).with_header(header))
+        }
         Mode::Stall => request.respond(tiny_http::Response::new(
             200.into(),
             Vec::new(),

@@ -169,8 +169,10 @@ fn the_daemon_polls_at_once_on_poll_now_and_stops_on_sigterm() {
     fleet.release(&[]).ok();
     let v2 = fleet.fleet.build("a");
     run(host.agent(&["poll-now"])).ok();
+    // Committed: last_good is written after the profile and the boot default are set (the
+    // profile alone is set first, so waiting for it raced the boot switch).
     fleet_tests::wait_until("the commit", 15, || {
-        host.generation().as_deref() == Some(v2.as_str())
+        host.state()["last_good"] == v2.as_str()
     });
     host.assert_on(&v2);
 

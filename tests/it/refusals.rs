@@ -427,3 +427,35 @@ fn hostile_git_over_http_is_bounded_and_changes_nothing() {
         assert_eq!(s.host.state()["last_error"]["code"], code, "{mode:?}");
     }
 }
+
+#[test]
+fn a_git_daemon_that_stops_answering_is_given_up_after_the_stall_rule() {
+    let s = setup(Channel::Http);
+    // A git:// server that takes the request and then sends nothing (for at most a minute).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(2) {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 1024];
+            let _ = std::io::Read::read(&mut stream, &mut request);
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+    });
+    let channel = format!("git://127.0.0.1:{port}/fleet.git");
+    s.host.write_config(
+        &s.fleet
+            .settings(&[s.fleet.release_public_key()], 1, &channel),
+        "channel_timeout = \"40s\"",
+        "",
+    );
+    let started = std::time::Instant::now();
+    let out = run(s.host.agent(&["once", "--json"]));
+    let elapsed = started.elapsed();
+    let outcome: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(out.code, Some(1), "{out}");
+    assert_eq!(outcome["code"], "channel_timeout", "{outcome}");
+    // The 20 s stall rule, not the 40 s poll timeout.
+    assert!(elapsed.as_secs() < 35, "took {elapsed:?}: {outcome}");
+    s.host.assert_on(&s.v2);
+}

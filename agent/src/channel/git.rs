@@ -167,7 +167,10 @@ impl Job {
                     limit: MAX_GIT_FETCH_BYTES,
                 });
             }
-            if error.message().contains(git_transport::STALLED) {
+            if error.message().contains(git_transport::STALLED)
+                || error.code() == git2::ErrorCode::Timeout
+                || error.message().contains("timed out")
+            {
                 return Err(ChannelError::TimedOut {
                     what: format!(
                         "the next bytes of the git fetch from '{}' (the answer stalled)",

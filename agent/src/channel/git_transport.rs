@@ -88,7 +88,18 @@ pub fn register() -> Result<(), git2::Error> {
                 Transport::smart(remote, false, SshTransport::default())
             })
         };
-        outcome.and(registered).map_err(|e| e.message().to_owned())
+        outcome = outcome.and(registered);
+        // SAFETY: libgit2's global options are not thread-safe either: set here, once, before
+        // any fetch (every fetch calls `register` first). They bound libgit2's own sockets
+        // (git://): a connection that stops sending fails like an HTTP answer that stalls.
+        let connect = super::CONNECT_TIMEOUT.as_millis() as i32;
+        let stall = super::STALL_TIMEOUT.as_millis() as i32;
+        #[allow(unsafe_code)]
+        let timeouts = unsafe {
+            git2::opts::set_server_connect_timeout_in_milliseconds(connect)
+                .and_then(|()| git2::opts::set_server_timeout_in_milliseconds(stall))
+        };
+        outcome.and(timeouts).map_err(|e| e.message().to_owned())
     });
     result.clone().map_err(|e| git2::Error::from_str(&e))
 }

@@ -178,12 +178,17 @@ pub struct State {
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`; a container booted by systemd-nspawn has
-/// its own), or `None` where it cannot be read.
+/// its own), or `None` where it cannot be read. Read once per process: it cannot change.
 pub fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|id| id.trim().to_owned())
-        .filter(|id| !id.is_empty())
+    static BOOT_ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .ok()
+                .map(|id| id.trim().to_owned())
+                .filter(|id| !id.is_empty())
+        })
+        .clone()
 }
 
 impl State {

@@ -402,20 +402,7 @@ command = ["/bin/sh", "-c", "! grep -q 6.9 /run/current-system/kernel"]
 #[test]
 fn a_release_that_changes_the_agents_own_unit_restarts_the_agent_only_after_the_commit() {
     let (machine, mut fleet, _v1) = booted("");
-    let main_pid = || {
-        machine
-            .exec(&[
-                "systemctl",
-                "show",
-                "-p",
-                "MainPID",
-                "--value",
-                "fleet-agent.service",
-            ])
-            .stdout
-            .trim()
-            .to_owned()
-    };
+    let main_pid = || machine.unit_property("fleet-agent.service", "MainPID");
     let first = main_pid();
     let v2 = release(&mut fleet, "2", "new-agent");
     wait(&machine, "release 1 is committed", 60, || {
@@ -472,20 +459,7 @@ fn a_release_that_changes_the_agents_own_unit_restarts_the_agent_only_after_the_
 fn a_hung_agent_is_restarted_by_its_watchdog_and_finishes_the_trial() {
     let (machine, mut fleet, _v1) = booted("");
     // Type=notify: the agent said it is ready, and says what it does.
-    let status = || {
-        machine
-            .exec(&[
-                "systemctl",
-                "show",
-                "-p",
-                "StatusText",
-                "--value",
-                "fleet-agent",
-            ])
-            .stdout
-            .trim()
-            .to_owned()
-    };
+    let status = || machine.unit_property("fleet-agent", "StatusText");
     assert!(
         status().starts_with("idle: committed release"),
         "{}",

@@ -351,18 +351,7 @@ fn the_collector_runs_under_its_modules_hardening_in_a_booted_machine() {
             .collect::<Vec<_>>()
     );
     // Not root: a user of its own, made for it.
-    let pid = machine
-        .exec(&[
-            "systemctl",
-            "show",
-            "-p",
-            "MainPID",
-            "--value",
-            "fleet-collector",
-        ])
-        .stdout
-        .trim()
-        .to_owned();
+    let pid = machine.unit_property("fleet-collector", "MainPID");
     let proc_status = machine.read(&format!("/proc/{pid}/status")).unwrap();
     let uid = proc_status
         .lines()

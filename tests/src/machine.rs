@@ -402,6 +402,14 @@ impl Machine {
     }
 
     /// Where a link inside the booted machine points.
+    /// A property of a unit as systemd has it loaded (`systemctl show -p NAME --value UNIT`).
+    pub fn unit_property(&self, unit: &str, property: &str) -> String {
+        self.exec(&["systemctl", "show", "-p", property, "--value", unit])
+            .stdout
+            .trim()
+            .to_owned()
+    }
+
     pub fn readlink(&self, path: &str) -> Option<String> {
         let out = self.exec(&["readlink", path]);
         (out.code == Some(0)).then(|| out.stdout.trim().to_owned())

@@ -200,6 +200,27 @@ struct HttpStream {
     done: bool,
 }
 
+/// The agent's runtime to drive a request on, unless the poll gave up on this fetch.
+fn runtime_for(settings: &Settings) -> std::io::Result<tokio::runtime::Handle> {
+    if settings.is_cancelled() {
+        return Err(error("the poll gave up on this fetch"));
+    }
+    settings
+        .runtime
+        .clone()
+        .ok_or_else(|| error("git over HTTP needs the agent's runtime"))
+}
+
+/// An HTTP failure of git's transport; a timeout says [`STALLED`], so the fetch reports
+/// `channel_timeout`.
+fn http_error(what: &str, url: &str, e: reqwest::Error) -> std::io::Error {
+    if e.is_timeout() {
+        error(format!("{url} {STALLED}: {e}"))
+    } else {
+        error(format!("{what} {url}: {e}"))
+    }
+}
+
 /// The most a ref advertisement (`info/refs`) may take: thousands of refs fit in a fraction of
 /// it, and libgit2 keeps every ref it parses in memory.
 const MAX_REF_ADVERTISEMENT_BYTES: usize = 4 << 20;
@@ -217,13 +238,7 @@ impl HttpStream {
 
     /// Sends the request; the answer is then read chunk by chunk, as libgit2 asks for it.
     fn send(&mut self, settings: &Settings) -> std::io::Result<reqwest::Response> {
-        if settings.is_cancelled() {
-            return Err(error("the poll gave up on this fetch"));
-        }
-        let runtime = settings
-            .runtime
-            .clone()
-            .ok_or_else(|| error("git over HTTP needs the agent's runtime"))?;
+        let runtime = runtime_for(settings)?;
         let client = http_client(settings).ok_or_else(|| error("cannot set up the HTTP client"))?;
         let mut request = client.request(self.method.clone(), &self.url);
         if let Some(content_type) = self.content_type {
@@ -238,13 +253,10 @@ impl HttpStream {
         let request = authorize(request, &self.url, settings);
         let url = self.url.clone();
         runtime.block_on(async move {
-            let response = request.send().await.map_err(|e| {
-                if e.is_timeout() {
-                    error(format!("{url} {STALLED}: {e}"))
-                } else {
-                    error(format!("cannot fetch {url}: {e}"))
-                }
-            })?;
+            let response = request
+                .send()
+                .await
+                .map_err(|e| http_error("cannot fetch", &url, e))?;
             let status = response.status();
             if !status.is_success() {
                 return Err(error(format!("{url} answered HTTP {status}")));
@@ -255,22 +267,12 @@ impl HttpStream {
 
     /// The next chunk of the answer, or `None` at its end; capped, stall-bounded, cancellable.
     fn next_chunk(&mut self, settings: &Settings) -> std::io::Result<Option<Vec<u8>>> {
-        if settings.is_cancelled() {
-            return Err(error("the poll gave up on this fetch"));
-        }
-        let runtime = settings
-            .runtime
-            .clone()
-            .ok_or_else(|| error("git over HTTP needs the agent's runtime"))?;
+        let runtime = runtime_for(settings)?;
         let response = self.response.as_mut().expect("the request was sent");
         let url = &self.url;
-        let chunk = runtime.block_on(response.chunk()).map_err(|e| {
-            if e.is_timeout() {
-                error(format!("{url} {STALLED}: {e}"))
-            } else {
-                error(format!("cannot read {url}: {e}"))
-            }
-        })?;
+        let chunk = runtime
+            .block_on(response.chunk())
+            .map_err(|e| http_error("cannot read", url, e))?;
         if let Some(chunk) = &chunk {
             self.received += chunk.len();
             if self.received > self.limit() {

@@ -605,15 +605,7 @@ impl Agent {
             if let Some(reason) = self.boot_drift() {
                 return self.repair_boot_drift(serial, &toplevel, reason).await;
             }
-            if self
-                .state
-                .last_error
-                .as_ref()
-                .is_some_and(|e| e.serial.is_none() || e.serial == Some(serial))
-            {
-                self.state.last_error = None;
-                let _ = self.save();
-            }
+            // Up to date: `settle_error` clears what stood.
             return Outcome::UpToDate {
                 serial: Some(serial),
             };

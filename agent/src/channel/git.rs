@@ -74,7 +74,6 @@ impl GitChannel {
             }
         }
         let mut transport = self.transport.clone();
-        transport.runtime = Some(tokio::runtime::Handle::current());
         // When this poll is given up (its timeout, shutdown), the fetch on the blocking thread
         // stops too: no request after that, libgit2 told to abort.
         let cancelled = Arc::new(AtomicBool::new(false));
@@ -138,7 +137,19 @@ impl Job {
             .map_err(|e| git_error(&format!("git remote '{}'", self.url), e))?;
 
         git_transport::register().map_err(|e| git_error("cannot set up git transports", e))?;
-        git_transport::configure(self.transport.clone());
+        // A runtime of the fetch's own for git over HTTP: when a given-up poll lets the process
+        // end, this thread reads on in a runtime nobody shuts down, instead of panicking in the
+        // agent's.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| ChannelError::Io {
+                what: "a runtime for the git fetch".into(),
+                source,
+            })?;
+        let mut transport = self.transport.clone();
+        transport.runtime = Some(Arc::new(runtime));
+        git_transport::configure(transport);
         let mut callbacks = git2::RemoteCallbacks::new();
         let transport = self.transport.clone();
         callbacks.transfer_progress(move |progress| {

@@ -29,8 +29,9 @@ pub struct Settings {
     pub ssh_key: Option<PathBuf>,
     pub ssh_known_hosts: Option<PathBuf>,
     pub timeout: Duration,
-    /// The agent's runtime, to drive reqwest from the blocking fetch thread.
-    pub runtime: Option<tokio::runtime::Handle>,
+    /// The fetch's own runtime, to drive reqwest from the blocking fetch thread: not the
+    /// agent's, which may shut down (the process ends) while a given-up fetch still reads.
+    pub runtime: Option<Arc<tokio::runtime::Runtime>>,
     /// Set when the poll that started this fetch gave up: no further request is made, and
     /// libgit2 is told to stop.
     pub cancelled: Option<Arc<std::sync::atomic::AtomicBool>>,
@@ -200,15 +201,15 @@ struct HttpStream {
     done: bool,
 }
 
-/// The agent's runtime to drive a request on, unless the poll gave up on this fetch.
-fn runtime_for(settings: &Settings) -> std::io::Result<tokio::runtime::Handle> {
+/// The fetch's runtime to drive a request on, unless the poll gave up on this fetch.
+fn runtime_for(settings: &Settings) -> std::io::Result<Arc<tokio::runtime::Runtime>> {
     if settings.is_cancelled() {
         return Err(error("the poll gave up on this fetch"));
     }
     settings
         .runtime
         .clone()
-        .ok_or_else(|| error("git over HTTP needs the agent's runtime"))
+        .ok_or_else(|| error("git over HTTP needs the fetch's runtime"))
 }
 
 /// An HTTP failure of git's transport; a timeout says [`STALLED`], so the fetch reports

@@ -6,4 +6,5 @@
 { pkgs, self }:
 {
   switch-and-rollback = pkgs.testers.runNixOSTest (import ./switch-and-rollback.nix { inherit self; });
+  fleet = pkgs.testers.runNixOSTest (import ./fleet.nix { inherit self; });
 }

@@ -8,8 +8,9 @@
 # returns the failed assertions and the parts of the system the tests look at (tests/it/module.rs).
 # With `viaFlake = true` the modules come from the flake's own `nixosModules.default` (flake.nix
 # evaluated against a stub nixpkgs), with `vmTest = "NAME"` the configuration is that VM test's
-# host node (vm-tests/), which imports the flake's module itself.
-{ lib, config ? { }, viaFlake ? false, vmTest ? null }:
+# node `vmNode` (vm-tests/), which imports the flake's module itself; the test's other nodes are
+# evaluated too, as the `nodes` argument runNixOSTest gives every node and the test script.
+{ lib, config ? { }, viaFlake ? false, vmTest ? null, vmNode ? "host" }:
 let
   inherit (lib) mkOption types;
 
@@ -26,7 +27,10 @@ let
     bash = package "bash";
     gnugrep = package "gnugrep";
     git = package "git";
+    curl = package "curl";
     openssh = package "openssh";
+    # A new store path for the same files, as nixpkgs' symlinkJoin makes.
+    symlinkJoin = { name, paths, ... }: package "${name}-${builtins.hashString "sha256" (builtins.toJSON (map toString paths))}";
     fleet-gitops = package "fleet-gitops";
     fleet-gitops-agent = package "fleet-gitops-agent";
     # nixpkgs' formats.toml: its value type, and a file generated from the value (JSON here:
@@ -93,7 +97,13 @@ let
       networking.hostName = mkOption { type = types.str; default = "nixos"; };
       networking.proxy.envVars = mkOption { type = types.attrs; default = { }; };
       networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
-      # Set by the VM tests, read by nothing here.
+      # Set by the VM tests, read by nothing here but the stub toplevel.
+      users = mkOption { type = types.submodule { freeformType = types.attrsOf types.anything; }; default = { }; };
+      programs.git = mkOption { type = types.submodule { freeformType = types.attrsOf types.anything; }; default = { }; };
+      services.openssh = mkOption { type = types.submodule { freeformType = types.attrsOf types.anything; }; default = { }; };
+      services.nginx = mkOption { type = types.submodule { freeformType = types.attrsOf types.anything; }; default = { }; };
+      systemd.tmpfiles.rules = mkOption { type = types.listOf types.str; default = [ ]; };
+      system.build = mkOption { type = types.lazyAttrsOf types.unspecified; default = { }; };
       boot = mkOption { type = types.submodule { freeformType = types.attrsOf types.anything; }; default = { }; };
       virtualisation = mkOption { type = types.submodule { freeformType = types.attrsOf types.anything; }; default = { }; };
       specialisation = mkOption {
@@ -120,17 +130,30 @@ let
     };
   };
 
-  evaluated = lib.evalModules {
-    modules = [
-      stubs
-      { _module.args.pkgs = pkgs; }
-    ]
-    ++ (
-      if vmTest != null then [ vmTests.${vmTest}.nodes.host ]
-      else if viaFlake then [ flake.nixosModules.default config ]
-      else [ ../fleet-agent.nix ../fleet-collector.nix config ]
-    );
+  # A system's toplevel: a store path that changes with what the tests can tell apart (files in
+  # /etc, boot settings, the agent's command line), carrying those for the tests to read.
+  toplevel = { config, ... }: {
+    config.system.build.toplevel =
+      let
+        parts = {
+          etc = lib.mapAttrs (_: file: file.text) config.environment.etc;
+          boot = config.boot;
+          agentExecStart = config.systemd.services.fleet-agent.serviceConfig.ExecStart or null;
+        };
+      in
+      package "nixos-system-${config.networking.hostName}-${builtins.substring 0 8 (builtins.hashString "sha256" (builtins.toJSON parts))}"
+      // { inherit parts; };
   };
+
+  evalWith = extraArgs: modules: lib.evalModules {
+    modules = [ stubs toplevel { _module.args = { inherit pkgs; } // extraArgs; } ] ++ modules;
+  };
+  # A VM test's nodes as runNixOSTest hands them to each node and to the test script.
+  testNodes = test: lib.mapAttrs (name: node: (evalWith { nodes = testNodes test; } [ node ]).config) test.nodes;
+
+  evaluated =
+    if vmTest != null then evalWith { nodes = testNodes vmTests.${vmTest}; } [ vmTests.${vmTest}.nodes.${vmNode} ]
+    else evalWith { } (if viaFlake then [ flake.nixosModules.default config ] else [ ../fleet-agent.nix ../fleet-collector.nix config ]);
   cfg = evaluated.config;
 in
 {
@@ -146,5 +169,15 @@ in
   systemPackages = map (p: p.name) cfg.environment.systemPackages;
   firewall = cfg.networking.firewall.allowedTCPPorts;
   specialisations = builtins.attrNames cfg.specialisation;
-  vmTests = lib.mapAttrs (_: test: { inherit (test) name; script = test.testScript; }) vmTests;
+  toplevel = cfg.system.build.toplevel.parts;
+  # What the node's system.build holds besides the toplevel (a VM test's next systems).
+  build = lib.mapAttrs (_: system: { path = toString system; parts = system.parts or null; })
+    (removeAttrs cfg.system.build [ "toplevel" ]);
+  vmTests = lib.mapAttrs
+    (_: test: {
+      inherit (test) name;
+      nodes = builtins.attrNames test.nodes;
+      script = if lib.isFunction test.testScript then test.testScript { nodes = testNodes test; } else test.testScript;
+    })
+    vmTests;
 }

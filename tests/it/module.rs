@@ -512,3 +512,72 @@ fn the_vm_tests_evaluate_with_the_flakes_module_and_their_scripts_parse() {
         assert_eq!(compiled.code, Some(0), "{name}: {compiled}");
     }
 }
+
+#[test]
+fn the_fleet_vm_test_releases_systems_its_hosts_do_not_have() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let node = |name: &str| eval_with(&lib, &format!(r#"vmTest = "fleet"; vmNode = "{name}";"#));
+    let (server, host1, host2) = (node("server"), node("host1"), node("host2"));
+    for out in [&server, &host1, &host2] {
+        assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+    }
+    // The server: a collector reading the directory fleet-sign publishes to, open to the hosts.
+    assert!(server["collector"]["serviceConfig"]["ExecStart"]
+        .as_str()
+        .unwrap()
+        .contains("--from /srv/release"));
+    assert_eq!(server["firewall"], serde_json::json!([9400, 80]));
+    let dir = TestDir::new();
+    for (name, host) in [("host1", &host1), ("host2", &host2)] {
+        // Each host's next system is another system than its own, built beside it.
+        let next = &host["build"]["fleetNext"];
+        assert_ne!(next["parts"], host["toplevel"], "{name}");
+        assert_eq!(next["parts"]["etc"]["fleet-version"], "2", "{name}");
+        assert_eq!(host["toplevel"]["etc"]["fleet-version"], "1", "{name}");
+        assert!(next["path"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("-nixos-system-{name}-")));
+        // Reached over git+ssh with a deploy key outside the store, substituted from the server.
+        assert!(host["settings"]["channel"]
+            .as_str()
+            .unwrap()
+            .starts_with("git+ssh://git@server/"));
+        assert_eq!(
+            host["settings"]["substituters"],
+            serde_json::json!(["http://server"])
+        );
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(&file, toml::to_string(&host["settings"]).unwrap()).unwrap();
+        let mut c = command("fleet-agent");
+        c.arg("check-config").arg(&file);
+        let checked = run(c);
+        assert_eq!(checked.code, Some(0), "{name}: {checked}");
+    }
+    // host1's next system changes the agent's package and its config: the agent restarts into
+    // them after the commit.
+    let now = host1["toplevel"]["agentExecStart"].as_str().unwrap();
+    let next = host1["build"]["fleetNext"]["parts"]["agentExecStart"]
+        .as_str()
+        .unwrap();
+    assert!(next.contains("-fleet-gitops-agent-next-"), "{next}");
+    assert_ne!(
+        now.split(' ').nth(2),
+        next.split(' ').nth(2),
+        "a new config"
+    );
+    // host2's changes its initrd (a reboot), which it allows; its agent stays as it is.
+    assert_eq!(host2["settings"]["activation"]["reboot"], "auto");
+    let next2 = &host2["build"]["fleetNext"]["parts"];
+    assert_eq!(
+        next2["boot"]["initrd"]["kernelModules"],
+        serde_json::json!(["dm-snapshot"])
+    );
+    assert_eq!(next2["agentExecStart"], host2["toplevel"]["agentExecStart"]);
+    // The script names the next systems' store paths.
+    let script = host1["vmTests"]["fleet"]["script"].as_str().unwrap();
+    for name in ["host1", "host2"] {
+        let path = node(name)["build"]["fleetNext"]["path"].clone();
+        assert!(script.contains(path.as_str().unwrap()), "{name}");
+    }
+}

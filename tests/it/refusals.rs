@@ -4,10 +4,11 @@
 use crate::common::{Channel, Fleet};
 use fleet_agent::release::{Release, SecretKey, StorePath};
 use fleet_tests::fixture::FixtureFleet;
+use fleet_tests::git::{DaemonMode, HostileGitDaemon};
 use fleet_tests::host::SimHost;
 use fleet_tests::http::Mode;
 use fleet_tests::nix::{nix, NixKey};
-use fleet_tests::run;
+use fleet_tests::{run, run_measuring_peak};
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -426,6 +427,109 @@ fn hostile_git_over_http_is_bounded_and_changes_nothing() {
         s.host.assert_on(&s.v2);
         assert_eq!(s.host.state()["last_error"]["code"], code, "{mode:?}");
     }
+}
+
+#[test]
+fn hostile_git_daemons_are_bounded_and_the_next_good_answer_is_taken() {
+    let s = setup(Channel::Git);
+    let hostile = HostileGitDaemon::in_front_of(&s.fleet.git_daemon);
+    let channel = format!("git+{}", hostile.url("fleet.git"));
+    // The peak memory of a `once` that fetched the release (in setup) without hostility, the
+    // figure every hostile row is held to, plus 32 MiB.
+    s.host.write_config(
+        &s.fleet
+            .settings(&[s.fleet.release_public_key()], 1, &channel),
+        "channel_timeout = \"40s\"",
+        "",
+    );
+    let (quiet, baseline) = run_measuring_peak(s.host.agent(&["once", "--json"]));
+    assert_eq!(quiet.code, Some(0), "{quiet}");
+    // (answer, channel_timeout, reason code, must end within seconds, the message says)
+    for (mode, timeout, code, within, says) in [
+        // A valid ref advertisement that never ends: cut at its 4 MiB cap while it streams.
+        (
+            DaemonMode::EndlessRefs,
+            "40s",
+            "too_large",
+            30,
+            "limit of 4194304 bytes",
+        ),
+        // Nothing after the request, or nothing after the first bytes of the pack: the 20 s
+        // stall rule, not the 40 s poll timeout.
+        (DaemonMode::Stall, "40s", "channel_timeout", 35, "stalled"),
+        (
+            DaemonMode::StallMidPack,
+            "40s",
+            "channel_timeout",
+            35,
+            "stalled",
+        ),
+        // A valid pack that never ends: cut at the fetch's 64 MiB cap.
+        (
+            DaemonMode::EndlessPack,
+            "40s",
+            "too_large",
+            35,
+            "limit of 67108864 bytes",
+        ),
+        // One byte a second is no stall: the poll's own timeout ends it.
+        (
+            DaemonMode::Trickle,
+            "8s",
+            "channel_timeout",
+            20,
+            "within 8s",
+        ),
+        (
+            DaemonMode::HugePktLine,
+            "40s",
+            "channel_unreachable",
+            15,
+            "pkt-line",
+        ),
+        (
+            DaemonMode::Garbage,
+            "40s",
+            "channel_unreachable",
+            15,
+            "packet length",
+        ),
+    ] {
+        s.host.write_config(
+            &s.fleet
+                .settings(&[s.fleet.release_public_key()], 1, &channel),
+            &format!("channel_timeout = \"{timeout}\""),
+            "",
+        );
+        hostile.set_mode(mode);
+        let started = std::time::Instant::now();
+        let (out, peak) = run_measuring_peak(s.host.agent(&["once", "--json"]));
+        let elapsed = started.elapsed();
+        let outcome: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(out.code, Some(1), "{mode:?}: {out}");
+        assert_eq!(outcome["code"], code, "{mode:?}: {outcome}");
+        assert!(elapsed.as_secs() < within, "{mode:?} took {elapsed:?}");
+        assert!(
+            peak < baseline + 32 * 1024,
+            "{mode:?}: peak RSS {peak} KiB, {baseline} KiB without hostility"
+        );
+        assert!(
+            outcome["message"].as_str().unwrap().contains(says),
+            "{mode:?}: {outcome}"
+        );
+        eprintln!(
+            "{mode:?}: {code} after {elapsed:?}, peak RSS {peak} KiB (baseline {baseline} KiB)"
+        );
+        s.host.assert_on(&s.v2);
+        assert_eq!(s.host.state()["last_error"]["code"], code, "{mode:?}");
+    }
+    // The server behaves again, with a new release (v3, pushed by fleet-sign): the host takes it.
+    hostile.set_mode(DaemonMode::Normal);
+    s.fleet.release(&[]).ok();
+    let (code, outcome) = s.host.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    s.host.assert_on(s.v3.as_str());
+    assert!(s.host.state().get("last_error").is_none_or(|e| e.is_null()));
 }
 
 #[test]

@@ -15,7 +15,7 @@ pub fn bare_repo(path: &Path) -> PathBuf {
 /// `git daemon` serving every repository below a directory, pushes allowed.
 pub struct GitDaemon {
     _child: KillOnDrop,
-    port: u16,
+    pub port: u16,
 }
 
 impl GitDaemon {
@@ -263,5 +263,223 @@ impl SshServer {
     /// The `ssh://` URL of a repository at an absolute path on this machine.
     pub fn url(&self, path: &Path) -> String {
         format!("ssh://root@127.0.0.1:{}{}", self.port, path.display())
+    }
+}
+
+/// How a [`HostileGitDaemon`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonMode {
+    /// Passes everything to and from the real daemon.
+    Normal,
+    /// A valid ref advertisement that never ends.
+    EndlessRefs,
+    /// Takes the request and sends nothing.
+    Stall,
+    /// The real advertisement and negotiation; then, once the client is done, a few bytes of
+    /// the pack and nothing more.
+    StallMidPack,
+    /// The real advertisement and negotiation; then a valid pack (side band) of ever more
+    /// objects, never ending.
+    EndlessPack,
+    /// The endless advertisement at one byte a second: never a stall, never an end.
+    Trickle,
+    /// A pkt-line announcing the largest length there is, followed by that much junk.
+    HugePktLine,
+    /// Bytes that are not pkt-lines at all.
+    Garbage,
+}
+
+/// A `git://` server in front of a real `git daemon`, answering as its mode says. Each
+/// connection is held at most a minute.
+pub struct HostileGitDaemon {
+    port: u16,
+    mode: std::sync::Arc<std::sync::Mutex<DaemonMode>>,
+}
+
+impl HostileGitDaemon {
+    pub fn in_front_of(daemon: &GitDaemon) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = std::sync::Arc::new(std::sync::Mutex::new(DaemonMode::Normal));
+        let (upstream, shared) = (daemon.port, mode.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let mode = *shared.lock().unwrap();
+                std::thread::spawn(move || serve_hostile(client, upstream, mode));
+            }
+        });
+        Self { port, mode }
+    }
+
+    pub fn set_mode(&self, mode: DaemonMode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    /// The `git://` URL of a repository of the daemon behind.
+    pub fn url(&self, repo: &str) -> String {
+        format!("git://127.0.0.1:{}/{repo}", self.port)
+    }
+}
+
+fn pkt_line(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:04x}", data.len() + 4).into_bytes();
+    out.extend_from_slice(data);
+    out
+}
+
+/// The endless advertisement: the first ref with capabilities, then a branch after another.
+fn endless_refs() -> impl Iterator<Item = Vec<u8>> {
+    (1u64..).map(|n| {
+        if n == 1 {
+            pkt_line(format!("{n:040x} HEAD\0side-band-64k shallow\n").as_bytes())
+        } else {
+            pkt_line(format!("{n:040x} refs/heads/branch-{n}\n").as_bytes())
+        }
+    })
+}
+
+/// A zlib stream of `data` in one stored (uncompressed) deflate block.
+fn zlib_stored(data: &[u8]) -> Vec<u8> {
+    assert!(data.len() <= 0xffff);
+    let len = data.len() as u16;
+    let mut out = vec![0x78, 0x01, 0x01];
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&(!len).to_le_bytes());
+    out.extend_from_slice(data);
+    let (mut a, mut b) = (1u32, 0u32);
+    for &byte in data {
+        a = (a + byte as u32) % 65521;
+        b = (b + a) % 65521;
+    }
+    out.extend_from_slice(&((b << 16) | a).to_be_bytes());
+    out
+}
+
+/// Pack entry `n`: a blob of about 60 KB, different from every other.
+fn pack_blob(n: u64) -> Vec<u8> {
+    let mut data = format!("blob {n}\n").into_bytes();
+    data.resize(60_000, b'x');
+    let size = data.len();
+    // Type 3 (blob) and the size, four bits then seven at a time.
+    let mut out = vec![0x80 | (3 << 4) | (size & 0x0f) as u8];
+    let mut rest = size >> 4;
+    while rest > 0 {
+        let more = if rest >> 7 > 0 { 0x80 } else { 0 };
+        out.push(more | (rest & 0x7f) as u8);
+        rest >>= 7;
+    }
+    out.extend(zlib_stored(&data));
+    out
+}
+
+fn serve_hostile(client: std::net::TcpStream, upstream: u16, mode: DaemonMode) {
+    use std::io::{Read as _, Write as _};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let hold = || std::thread::sleep(std::time::Duration::from_secs(60));
+    let _ = client.set_write_timeout(Some(std::time::Duration::from_secs(60)));
+    let mut writer = client.try_clone().unwrap();
+    let mut request = [0u8; 1024];
+    let endless = |writer: &mut std::net::TcpStream, trickle: bool| {
+        for line in endless_refs().take(10_000_000) {
+            if trickle {
+                for byte in line {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    if writer.write_all(&[byte]).is_err() {
+                        return;
+                    }
+                }
+            } else if writer.write_all(&line).is_err() {
+                return;
+            }
+        }
+    };
+    match mode {
+        DaemonMode::EndlessRefs | DaemonMode::Trickle => {
+            let _ = (&client).read(&mut request);
+            endless(&mut writer, mode == DaemonMode::Trickle);
+        }
+        DaemonMode::Stall => {
+            let _ = (&client).read(&mut request);
+            hold();
+        }
+        DaemonMode::HugePktLine => {
+            let _ = (&client).read(&mut request);
+            let mut junk = b"ffff".to_vec();
+            junk.resize(0xffff, b'a');
+            let _ = writer.write_all(&junk);
+            hold();
+        }
+        DaemonMode::Garbage => {
+            let _ = (&client).read(&mut request);
+            let _ = writer.write_all(b"this is not git at all\n");
+            hold();
+        }
+        DaemonMode::Normal | DaemonMode::StallMidPack | DaemonMode::EndlessPack => {
+            let server = std::net::TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+            let done = std::sync::Arc::new(AtomicBool::new(false));
+            // Client to server, noting the end of the negotiation before passing it on.
+            let (mut from_client, mut to_server, seen) = (
+                client.try_clone().unwrap(),
+                server.try_clone().unwrap(),
+                done.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = from_client.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if buf[..n].windows(9).any(|w| w == b"0009done\n") {
+                        seen.store(true, Ordering::SeqCst);
+                    }
+                    if to_server.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = to_server.shutdown(std::net::Shutdown::Write);
+            });
+            // Server to client, until the client is done and the mode takes over.
+            let mut from_server = server;
+            let mut buf = [0u8; 8192];
+            loop {
+                let Ok(n) = from_server.read(&mut buf) else {
+                    return;
+                };
+                if n == 0 {
+                    return;
+                }
+                if mode != DaemonMode::Normal && done.load(Ordering::SeqCst) {
+                    break;
+                }
+                if writer.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            match mode {
+                DaemonMode::StallMidPack => {
+                    let _ = writer.write_all(&pkt_line(b"NAK\n"));
+                    let _ = writer.write_all(&pkt_line(b"\x01PACK\0\0\0\x02\0\0\0\x05"));
+                    hold();
+                }
+                DaemonMode::EndlessPack => {
+                    let _ = writer.write_all(&pkt_line(b"NAK\n"));
+                    // A million objects announced; the cap must end it long before.
+                    let mut header = b"\x01PACK\0\0\0\x02".to_vec();
+                    header.extend_from_slice(&1_000_000u32.to_be_bytes());
+                    let _ = writer.write_all(&pkt_line(&header));
+                    for n in 0..1_000_000u64 {
+                        for part in pack_blob(n).chunks(60_000) {
+                            let mut band = vec![1u8];
+                            band.extend_from_slice(part);
+                            if writer.write_all(&pkt_line(&band)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 }

@@ -170,9 +170,13 @@ impl Job {
         }
         if let Err(error) = remote.fetch(&[&refspec], Some(&mut options), None) {
             let stats = remote.stats();
-            if stats.received_bytes() > MAX_GIT_FETCH_BYTES
-                || error.message().contains(git_transport::TOO_LARGE)
-            {
+            if let Some((what, limit)) = git_transport::too_large(error.message()) {
+                return Err(ChannelError::TooLarge {
+                    what: format!("{what} from '{}'", self.url),
+                    limit,
+                });
+            }
+            if stats.received_bytes() > MAX_GIT_FETCH_BYTES {
                 return Err(ChannelError::TooLarge {
                     what: format!("git fetch from '{}'", self.url),
                     limit: MAX_GIT_FETCH_BYTES,

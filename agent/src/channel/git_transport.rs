@@ -13,12 +13,22 @@
 //!   UserKnownHostsFile=<ssh_known_hosts_file> -o StrictHostKeyChecking=yes] [-p <port>]
 //!   <user@host> "git-upload-pack '<path>'"`, for `ssh://[user@]host[:port]/path` and
 //!   `[user@]host:path`. The host key must be known: BatchMode never asks.
+//! - `git://`: the git daemon protocol over a TCP connection of our own, in place of libgit2's,
+//!   which keeps reading a ref advertisement for as long as the server sends one.
+//!
+//! Every answer is read as it streams and capped there: a ref advertisement at
+//! [`MAX_REF_ADVERTISEMENT_BYTES`], a whole fetch at [`MAX_GIT_FETCH_BYTES`]. No answer may go
+//! [`super::STALL_TIMEOUT`] without a byte, and a poll that gives up stops its fetch at the next
+//! read. The stateful transports (SSH, `git://`) read their connection on a thread of its own,
+//! so a read can wait with a deadline whatever the source.
 
 use super::MAX_GIT_FETCH_BYTES;
 use git2::transport::{Service, SmartSubtransport, SmartSubtransportStream, Transport};
 use std::io::{Cursor, Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -47,6 +57,24 @@ impl Settings {
 
 /// How an answer over the cap is reported through libgit2, so the fetch can say `too_large`.
 pub const TOO_LARGE: &str = "is over the size limit";
+/// What was over which limit, from a transport's [`TOO_LARGE`] error as libgit2 passes it on:
+/// the ref advertisement or the whole fetch.
+pub fn too_large(message: &str) -> Option<(&'static str, usize)> {
+    let (_, rest) = message.split_once(TOO_LARGE)?;
+    let digits: String = rest
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let limit = digits.parse().ok()?;
+    let what = if limit == MAX_REF_ADVERTISEMENT_BYTES {
+        "the git ref advertisement"
+    } else {
+        "the git fetch"
+    };
+    Some((what, limit))
+}
+
 /// How a stalled answer is reported through libgit2, so the fetch can say `channel_timeout`.
 pub const STALLED: &str = "stopped sending";
 
@@ -90,9 +118,17 @@ pub fn register() -> Result<(), git2::Error> {
             })
         };
         outcome = outcome.and(registered);
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        let registered = unsafe {
+            git2::transport::register("git", |remote| {
+                Transport::smart(remote, false, DaemonTransport::default())
+            })
+        };
+        outcome = outcome.and(registered);
         // SAFETY: libgit2's global options are not thread-safe either: set here, once, before
-        // any fetch (every fetch calls `register` first). They bound libgit2's own sockets
-        // (git://): a connection that stops sending fails like an HTTP answer that stalls.
+        // any fetch (every fetch calls `register` first). They bound any socket libgit2 still
+        // opens itself (none of the schemes above).
         let connect = super::CONNECT_TIMEOUT.as_millis() as i32;
         let stall = super::STALL_TIMEOUT.as_millis() as i32;
         #[allow(unsafe_code)]
@@ -320,6 +356,240 @@ impl Write for HttpStream {
     }
 }
 
+// ---- stateful connections (SSH, git://) ----
+
+/// The server's side of a stateful connection, read by a thread of its own into a small queue,
+/// so that every read waits with a deadline: capped in bytes as it streams, a stall after
+/// [`super::STALL_TIMEOUT`] without a byte, and a given-up poll noticed within a second.
+struct Incoming {
+    what: String,
+    chunks: Mutex<Receiver<std::io::Result<Vec<u8>>>>,
+    /// The chunk being handed to libgit2.
+    pending: Mutex<Cursor<Vec<u8>>>,
+    received: AtomicUsize,
+    /// The cap on `received`: the ref advertisement's until the client first writes (its
+    /// wants: the advertisement is over), a whole fetch's from then on. libgit2 reads both
+    /// from the one stream of a stateful connection.
+    limit: AtomicUsize,
+}
+
+impl Incoming {
+    /// Reads `source` until it ends or the connection is dropped. At most a few chunks wait
+    /// in the queue: a fast server is held back by the reader, not buffered.
+    fn spawn(mut source: impl Read + Send + 'static, what: &str) -> Self {
+        let (sender, chunks) = mpsc::sync_channel(4);
+        std::thread::spawn(move || loop {
+            let mut chunk = vec![0u8; 64 << 10];
+            let chunk = match source.read(&mut chunk) {
+                Ok(n) => {
+                    chunk.truncate(n);
+                    Ok(chunk)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(e),
+            };
+            let last = !matches!(&chunk, Ok(c) if !c.is_empty());
+            if sender.send(chunk).is_err() || last {
+                break;
+            }
+        });
+        Self {
+            what: what.to_owned(),
+            chunks: Mutex::new(chunks),
+            pending: Mutex::new(Cursor::new(Vec::new())),
+            received: AtomicUsize::new(0),
+            limit: AtomicUsize::new(MAX_REF_ADVERTISEMENT_BYTES),
+        }
+    }
+
+    /// The client has written: what follows is the negotiation and the pack.
+    fn advertisement_over(&self) {
+        self.limit.store(MAX_GIT_FETCH_BYTES, Ordering::Relaxed);
+    }
+
+    /// Reads into `buf`, failing once the connection has received more than its limit in all;
+    /// `Ok(0)` at the end of the answer.
+    fn read(&self, buf: &mut [u8], settings: &Settings) -> std::io::Result<usize> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let chunks = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waited = Duration::ZERO;
+        loop {
+            let n = pending.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                let received = self.received.fetch_add(n, Ordering::Relaxed) + n;
+                let limit = self.limit.load(Ordering::Relaxed);
+                if received > limit {
+                    return Err(error(format!(
+                        "the answer of {} {TOO_LARGE} of {limit} bytes",
+                        self.what
+                    )));
+                }
+                return Ok(n);
+            }
+            if settings.is_cancelled() {
+                return Err(error("the poll gave up on this fetch"));
+            }
+            let step = Duration::from_secs(1);
+            match chunks.recv_timeout(step) {
+                Ok(Ok(chunk)) if chunk.is_empty() => return Ok(0),
+                Ok(Ok(chunk)) => *pending = Cursor::new(chunk),
+                Ok(Err(e)) => return Err(e),
+                Err(RecvTimeoutError::Disconnected) => return Ok(0),
+                Err(RecvTimeoutError::Timeout) => {
+                    waited += step;
+                    if waited >= super::STALL_TIMEOUT {
+                        return Err(error(format!(
+                            "{} {STALLED} for {}",
+                            self.what,
+                            humantime::format_duration(waited)
+                        )));
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- git:// ----
+
+/// One TCP connection to a git daemon serves both steps of a fetch.
+#[derive(Default)]
+struct DaemonTransport {
+    connection: Mutex<Option<Arc<DaemonConnection>>>,
+}
+
+struct DaemonConnection {
+    socket: std::net::TcpStream,
+    incoming: Incoming,
+}
+
+/// `(host:port, path)` of `git://host[:port]/path`.
+fn parse_daemon_url(url: &str) -> Option<(String, String)> {
+    let rest = url
+        .strip_prefix("git://")
+        .or_else(|| url.strip_prefix("git+git://"))?;
+    let (authority, path) = rest.split_once('/')?;
+    if authority.is_empty() || path.is_empty() {
+        return None;
+    }
+    Some((authority.to_owned(), format!("/{path}")))
+}
+
+impl DaemonTransport {
+    fn connect(&self, url: &str) -> Result<Arc<DaemonConnection>, git2::Error> {
+        use std::net::ToSocketAddrs as _;
+        let (authority, path) = parse_daemon_url(url)
+            .ok_or_else(|| git2::Error::from_str(&format!("'{url}' is not a git:// URL")))?;
+        let address =
+            if authority.starts_with('[') && authority.ends_with(']') || !authority.contains(':') {
+                format!("{authority}:9418")
+            } else {
+                authority.clone()
+            };
+        let addresses = address
+            .to_socket_addrs()
+            .map_err(|e| git2::Error::from_str(&format!("cannot resolve {address}: {e}")))?;
+        let mut last = None;
+        let mut socket = None;
+        for address in addresses {
+            match std::net::TcpStream::connect_timeout(&address, super::CONNECT_TIMEOUT) {
+                Ok(s) => {
+                    socket = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let socket = socket.ok_or_else(|| {
+            git2::Error::from_str(&format!(
+                "cannot connect to {address}: {}",
+                last.map_or("no address".into(), |e| e.to_string())
+            ))
+        })?;
+        let io = |e: std::io::Error| git2::Error::from_str(&format!("{address}: {e}"));
+        socket
+            .set_write_timeout(Some(super::STALL_TIMEOUT))
+            .map_err(io)?;
+        // The daemon's request: which service, which repository, for which host.
+        let hello = format!("git-upload-pack {path}\0host={authority}\0");
+        let mut request = format!("{:04x}", hello.len() + 4).into_bytes();
+        request.extend_from_slice(hello.as_bytes());
+        (&socket).write_all(&request).map_err(io)?;
+        let reader = socket.try_clone().map_err(io)?;
+        Ok(Arc::new(DaemonConnection {
+            socket,
+            incoming: Incoming::spawn(reader, url),
+        }))
+    }
+}
+
+impl SmartSubtransport for DaemonTransport {
+    fn action(
+        &self,
+        url: &str,
+        action: Service,
+    ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
+        if !matches!(action, Service::UploadPackLs | Service::UploadPack) {
+            return Err(git2::Error::from_str(
+                "fleet-agent only fetches: pushing is not supported",
+            ));
+        }
+        let mut slot = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        let connection = match (action, slot.as_ref()) {
+            (Service::UploadPack, Some(connection)) => connection.clone(),
+            _ => {
+                let connection = self.connect(url)?;
+                *slot = Some(connection.clone());
+                connection
+            }
+        };
+        Ok(Box::new(DaemonStream { connection }))
+    }
+
+    fn close(&self) -> Result<(), git2::Error> {
+        if let Some(connection) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            // Ends the reading thread too.
+            let _ = connection.socket.shutdown(std::net::Shutdown::Both);
+        }
+        Ok(())
+    }
+}
+
+struct DaemonStream {
+    connection: Arc<DaemonConnection>,
+}
+
+impl Read for DaemonStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.connection.incoming.read(buf, &settings())
+    }
+}
+
+impl Write for DaemonStream {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if settings().is_cancelled() {
+            return Err(error("the poll gave up on this fetch"));
+        }
+        self.connection.incoming.advertisement_over();
+        (&self.connection.socket).write(data)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        (&self.connection.socket).flush()
+    }
+}
+
+impl Drop for DaemonConnection {
+    fn drop(&mut self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 // ---- SSH ----
 
 /// One `ssh` child serves both steps of a fetch (the protocol is stateful).
@@ -331,7 +601,7 @@ struct SshTransport {
 struct SshConnection {
     child: Mutex<Child>,
     stdin: Mutex<ChildStdin>,
-    stdout: Mutex<ChildStdout>,
+    stdout: Incoming,
     stderr: Arc<Mutex<Vec<u8>>>,
 }
 
@@ -426,7 +696,7 @@ impl SshTransport {
         Ok(Arc::new(SshConnection {
             child: Mutex::new(child),
             stdin: Mutex::new(stdin),
-            stdout: Mutex::new(stdout),
+            stdout: Incoming::spawn(stdout, url),
             stderr,
         }))
     }
@@ -502,12 +772,7 @@ impl SshStream {
 
 impl Read for SshStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self
-            .connection
-            .stdout
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read(buf)?;
+        let n = self.connection.stdout.read(buf, &settings())?;
         if n == 0 && !buf.is_empty() {
             return Err(self.failure(error("ssh closed the connection")));
         }
@@ -517,6 +782,7 @@ impl Read for SshStream {
 
 impl Write for SshStream {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.connection.stdout.advertisement_over();
         let result = self
             .connection
             .stdin
@@ -675,7 +941,10 @@ pub async fn remote_tip_v2(url: &str, refname: &str, settings: &Settings) -> Opt
             let mut buffer = Vec::new();
             let mut chunk = [0u8; 4096];
             let rest = loop {
-                let n = stream.read(&mut chunk).await.ok()?;
+                let n = tokio::time::timeout(super::STALL_TIMEOUT, stream.read(&mut chunk))
+                    .await
+                    .ok()?
+                    .ok()?;
                 if n == 0 || buffer.len() > MAX_LS_REFS_BYTES {
                     return None;
                 }
@@ -693,7 +962,10 @@ pub async fn remote_tip_v2(url: &str, refname: &str, settings: &Settings) -> Opt
                 if let Some((lines, _)) = parse_pkt_lines(&buffer) {
                     return tip_from_ls_refs(&lines, refname);
                 }
-                let n = stream.read(&mut chunk).await.ok()?;
+                let n = tokio::time::timeout(super::STALL_TIMEOUT, stream.read(&mut chunk))
+                    .await
+                    .ok()?
+                    .ok()?;
                 if n == 0 || buffer.len() > MAX_LS_REFS_BYTES {
                     return None;
                 }

@@ -563,3 +563,77 @@ fn a_git_daemon_that_stops_answering_is_given_up_after_the_stall_rule() {
     assert!(elapsed.as_secs() < 35, "took {elapsed:?}: {outcome}");
     s.host.assert_on(&s.v2);
 }
+
+#[test]
+fn a_daemon_polling_a_hostile_git_daemon_stays_bounded_and_takes_the_next_good_release() {
+    let s = setup(Channel::Git);
+    let hostile = HostileGitDaemon::in_front_of(&s.fleet.git_daemon);
+    let channel = format!("git+{}", hostile.url("fleet.git"));
+    s.host.write_config(
+        &s.fleet
+            .settings(&[s.fleet.release_public_key()], 1, &channel),
+        "poll_interval = \"1s\"\nchannel_timeout = \"10s\"",
+        "",
+    );
+    let log = std::fs::File::create(s.host.root.join("agent.log")).unwrap();
+    let daemon = fleet_tests::KillOnDrop(s.host.agent(&["run"]).stderr(log).spawn().unwrap());
+    let peak = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| {
+                let log = std::fs::read_to_string(s.host.root.join("agent.log"));
+                panic!("the agent is not running: {log:?}")
+            })
+    };
+    let error_code = || {
+        s.host
+            .state_dir
+            .join("state.json")
+            .exists()
+            .then(|| {
+                s.host.state()["last_error"]["code"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .flatten()
+    };
+    // Idle on v2 through the proxy: the daemon's own figure.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(error_code(), None);
+    let baseline = peak();
+
+    // An endless ref advertisement at every idle poll: the v2 shortcut gets no answer it can
+    // read, the fetch is cut at the advertisement's cap, poll after poll.
+    hostile.set_mode(DaemonMode::EndlessRefs);
+    fleet_tests::wait_until("too_large from the endless advertisement", 20, || {
+        error_code().as_deref() == Some("too_large")
+    });
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    // A new release behind an endless pack: cut at the fetch's cap.
+    hostile.set_mode(DaemonMode::EndlessPack);
+    s.fleet.release(&[]).ok();
+    fleet_tests::wait_until("too_large from the endless pack", 20, || {
+        s.host.state()["last_error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("67108864"))
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    s.host.assert_on(&s.v2);
+    let hostile_peak = peak();
+    assert!(
+        hostile_peak < baseline + 32 * 1024,
+        "peak RSS {hostile_peak} KiB, {baseline} KiB idle"
+    );
+    eprintln!("daemon peak RSS: {baseline} KiB idle, {hostile_peak} KiB under the hostile server");
+
+    // The server behaves again: the release is taken, the error cleared.
+    hostile.set_mode(DaemonMode::Normal);
+    fleet_tests::wait_until("the commit of v3", 30, || {
+        s.host.state()["last_good"] == s.v3.as_str()
+    });
+    s.host.assert_on(s.v3.as_str());
+    assert_eq!(error_code(), None);
+}

@@ -5,7 +5,7 @@ use crate::common::{Channel, Fleet};
 use fleet_tests::collector::{report, test_key, Collector, PaperFleet};
 use fleet_tests::host::SimHost;
 use fleet_tests::netns::NatNetwork;
-use fleet_tests::{command, free_port, run, wait_until};
+use fleet_tests::{command, free_port, run, run_measuring_peak, wait_until};
 use std::path::{Path, PathBuf};
 
 /// A fleet whose hosts made their identities, with a fleet.toml listing their report keys.
@@ -775,4 +775,31 @@ fn the_last_health_results_outlive_a_restart_of_the_agent() {
         report["outcome"] == "up-to-date"
             && report["health"].as_array().is_some_and(|h| !h.is_empty())
     });
+}
+
+#[test]
+fn a_collector_answering_an_endless_refusal_costs_the_agent_nothing_more() {
+    let mut fleet = Fleet::new(&["a"]);
+    let host = fleet.host("a", Channel::Directory);
+    fleet.release(&[]).ok();
+    // The channel is a directory; the test server plays the collector.
+    let url = fleet.www.url();
+    report_to(&fleet, &host, &url, "");
+    fleet.www.set_mode(fleet_tests::http::Mode::Status(500));
+    let (plain, baseline) = run_measuring_peak(host.agent(&["once", "--json"]));
+    assert_eq!(plain.code, Some(0), "{plain}");
+    fleet.www.set_mode(fleet_tests::http::Mode::EndlessError);
+    let started = std::time::Instant::now();
+    let (out, peak) = run_measuring_peak(host.agent(&["once", "--json"]));
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(started.elapsed().as_secs() < 10, "{:?}", started.elapsed());
+    assert!(
+        peak < baseline + 8 * 1024,
+        "peak RSS {peak} KiB, {baseline} KiB against a plain 500"
+    );
+    // What the collector did not take stays queued.
+    let queued = std::fs::read_dir(host.state_dir.join("reports"))
+        .unwrap()
+        .count();
+    assert!(queued >= 2, "{queued} reports queued");
 }

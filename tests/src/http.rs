@@ -20,6 +20,8 @@ pub enum Mode {
     Status(u16),
     /// Answer 200 with a body that never ends.
     Endless,
+    /// Answer 500 with a body that never ends.
+    EndlessError,
     /// Answer 200 with a git ref advertisement (smart HTTP) that never ends: valid pkt-lines,
     /// one ref after another.
     EndlessRefs,
@@ -248,6 +250,13 @@ fn respond(shared: &Arc<Shared>, request: tiny_http::Request) {
     }
     let result = match mode {
         Mode::Status(code) => request.respond(tiny_http::Response::empty(code)),
+        Mode::EndlessError => request.respond(tiny_http::Response::new(
+            500.into(),
+            Vec::new(),
+            Endless,
+            None,
+            None,
+        )),
         Mode::Endless => request.respond(tiny_http::Response::new(
             200.into(),
             Vec::new(),

@@ -145,13 +145,7 @@ impl Reporter {
                 delivered += 1;
                 continue;
             }
-            let body: String = response
-                .text()
-                .await
-                .unwrap_or_default()
-                .chars()
-                .take(300)
-                .collect();
+            let body = error_body(response).await;
             // Refused for good: sending it again cannot help, and it must not block the rest.
             if matches!(status, 400 | 409 | 413) {
                 log::warn!(
@@ -246,6 +240,19 @@ fn backoff(failures: u32, heartbeat: Duration) -> Duration {
         .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
         .min(cap);
     base + Duration::from_millis(fastrand::u64(0..=base.as_millis() as u64 / 4))
+}
+
+/// The start of a refusal's body, for the log: read as it streams and cut at 4 KiB, so a
+/// collector that answers with an endless body costs nothing more.
+async fn error_body(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < 4096 {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&body).chars().take(300).collect()
 }
 
 #[cfg(test)]

@@ -637,3 +637,57 @@ fn a_daemon_polling_a_hostile_git_daemon_stays_bounded_and_takes_the_next_good_r
     s.host.assert_on(s.v3.as_str());
     assert_eq!(error_code(), None);
 }
+
+#[test]
+fn hostile_ssh_git_servers_are_bounded_and_change_nothing() {
+    let s = setup(Channel::Git);
+    let ssh = fleet_tests::git::SshServer::start(&s.fleet.dir.join("sshd"));
+    let channel = format!("git+{}", ssh.url(&s.fleet.git_remote));
+    let credentials = format!(
+        "channel_timeout = \"40s\"\nssh_key_file = \"{}\"\nssh_known_hosts_file = \"{}\"",
+        ssh.client_key.display(),
+        ssh.known_hosts.display()
+    );
+    s.host.write_config(
+        &s.fleet
+            .settings(&[s.fleet.release_public_key()], 1, &channel),
+        &credentials,
+        "",
+    );
+    let (quiet, baseline) = run_measuring_peak(s.host.agent(&["once", "--json"]));
+    assert_eq!(quiet.code, Some(0), "{quiet}");
+    // (the server's command, reason code, must end within seconds, the message says)
+    for (command, code, within, says) in [
+        // One valid ref pkt-line after another, forever.
+        (
+            "yes 003d0000000000000000000000000000000000000001 refs/heads/xxxx",
+            "too_large",
+            30,
+            "limit of 4194304 bytes",
+        ),
+        // Logged in, then silent: the stall rule, not the 40 s poll timeout.
+        ("sleep 60", "channel_timeout", 35, "stalled"),
+        ("echo this is not git", "channel_unreachable", 15, ""),
+    ] {
+        ssh.force_command(Some(command));
+        let started = std::time::Instant::now();
+        let (out, peak) = run_measuring_peak(s.host.agent(&["once", "--json"]));
+        let elapsed = started.elapsed();
+        let outcome: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(out.code, Some(1), "{command}: {out}");
+        assert_eq!(outcome["code"], code, "{command}: {outcome}");
+        assert!(
+            outcome["message"].as_str().unwrap().contains(says),
+            "{command}: {outcome}"
+        );
+        assert!(elapsed.as_secs() < within, "{command} took {elapsed:?}");
+        assert!(
+            peak < baseline + 32 * 1024,
+            "{command}: peak RSS {peak} KiB, {baseline} KiB without hostility"
+        );
+        eprintln!(
+            "{command}: {code} after {elapsed:?}, peak RSS {peak} KiB (baseline {baseline} KiB)"
+        );
+        s.host.assert_on(&s.v2);
+    }
+}

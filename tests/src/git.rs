@@ -260,6 +260,18 @@ impl SshServer {
         server
     }
 
+    /// Runs `command` (through the login shell) for every login of the client key, whatever
+    /// the client asked for: a hostile git server. `None` restores git.
+    pub fn force_command(&self, command: Option<&str>) {
+        let key = std::fs::read_to_string(self.client_key.with_extension("pub")).unwrap();
+        let line = match command {
+            Some(command) => format!("command=\"{command}\" {key}"),
+            None => key,
+        };
+        let authorized = self.client_key.parent().unwrap().join("authorized_keys");
+        std::fs::write(authorized, line).unwrap();
+    }
+
     /// The `ssh://` URL of a repository at an absolute path on this machine.
     pub fn url(&self, path: &Path) -> String {
         format!("ssh://root@127.0.0.1:{}{}", self.port, path.display())

@@ -6,6 +6,7 @@
 let
   cfg = config.services.fleet-agent;
   stateDir = cfg.settings.paths.state_dir or "/var/lib/fleet-agent";
+  runtimeDir = cfg.settings.paths.runtime_dir or "/run/fleet-agent";
   settingsFormat = pkgs.formats.toml { };
   # TOML has no null: drop unset optional settings.
   settings = lib.filterAttrsRecursive (_: value: value != null) cfg.settings;
@@ -105,6 +106,10 @@ in
         message = "services.fleet-agent needs nix.settings.require-sigs = true: it refuses to install closures without Nix's signature checks.";
       }
       {
+        assertion = lib.hasPrefix "/run/" runtimeDir && !lib.hasInfix ".." runtimeDir;
+        message = "services.fleet-agent.settings.paths.runtime_dir must be below /run (it is the unit's RuntimeDirectory, on tmpfs), not ${runtimeDir}.";
+      }
+      {
         assertion = lib.hasPrefix "/var/lib/" stateDir && !lib.hasInfix ".." stateDir;
         message = "services.fleet-agent.settings.paths.state_dir must be below /var/lib (it is the unit's StateDirectory), not ${stateDir}.";
       }
@@ -146,6 +151,8 @@ in
         RestartSec = "10s";
         StateDirectory = lib.removePrefix "/var/lib/" stateDir;
         StateDirectoryMode = "0700";
+        # agent.json, rewritten after every poll: on tmpfs, not the SD card.
+        RuntimeDirectory = lib.removePrefix "/run/" runtimeDir;
         # A stop leaves a trial to the next start (the switch goes on in its own transient unit,
         # a health window is run again). With activation.mode = "direct" the switch is the
         # agent's own child: KillMode=mixed sends SIGTERM to the agent alone, which waits for

@@ -388,6 +388,11 @@ pub struct RawPaths {
     /// The agent's state: state file, GC roots, git cache; default /var/lib/fleet-agent.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// What the running daemon tells `status` and `poll-now` (`agent.json`), rewritten after
+    /// every poll: on tmpfs, so an idle agent writes nothing to persistent storage; default
+    /// /run/fleet-agent.
+    #[serde(default = "default_runtime_dir")]
+    pub runtime_dir: PathBuf,
     /// The system profile; default /nix/var/nix/profiles/system.
     #[serde(default = "default_profile")]
     pub system_profile: PathBuf,
@@ -416,6 +421,7 @@ impl Default for RawPaths {
     fn default() -> Self {
         Self {
             state_dir: default_state_dir(),
+            runtime_dir: default_runtime_dir(),
             system_profile: default_profile(),
             current_system: default_current(),
             booted_system: default_booted(),
@@ -465,6 +471,9 @@ fn default_check_timeout() -> Duration {
 }
 fn default_state_dir() -> PathBuf {
     "/var/lib/fleet-agent".into()
+}
+fn default_runtime_dir() -> PathBuf {
+    "/run/fleet-agent".into()
 }
 fn default_profile() -> PathBuf {
     "/nix/var/nix/profiles/system".into()
@@ -593,6 +602,7 @@ pub struct Config {
     pub channel_reachable: bool,
     pub checks: Vec<Check>,
     pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
     pub system_profile: PathBuf,
     pub current_system: PathBuf,
     pub booted_system: PathBuf,
@@ -710,6 +720,7 @@ impl Config {
         }
         for (name, path) in [
             ("paths.state_dir", &raw.paths.state_dir),
+            ("paths.runtime_dir", &raw.paths.runtime_dir),
             ("paths.system_profile", &raw.paths.system_profile),
             ("paths.current_system", &raw.paths.current_system),
             ("paths.booted_system", &raw.paths.booted_system),
@@ -792,6 +803,7 @@ impl Config {
             channel_reachable: raw.health.channel_reachable,
             checks,
             state_dir: raw.paths.state_dir,
+            runtime_dir: raw.paths.runtime_dir,
             system_profile: raw.paths.system_profile,
             current_system: raw.paths.current_system,
             booted_system: raw.paths.booted_system,

@@ -312,8 +312,8 @@ impl StateFile {
     }
 }
 
-/// What the running daemon tells `status` and `poll-now`: `agent.json` in the state directory,
-/// rewritten after every poll. Not needed for safety: losing it loses nothing.
+/// What the running daemon tells `status` and `poll-now`: `agent.json` in the runtime directory
+/// (tmpfs), rewritten after every poll. Not needed for safety: losing it loses nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Runtime {
     pub pid: u32,
@@ -326,17 +326,19 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn path(state_dir: &Path) -> PathBuf {
-        state_dir.join("agent.json")
+    pub fn path(runtime_dir: &Path) -> PathBuf {
+        runtime_dir.join("agent.json")
     }
 
-    pub fn load(state_dir: &Path) -> Option<Self> {
-        serde_json::from_slice(&std::fs::read(Self::path(state_dir)).ok()?).ok()
+    pub fn load(runtime_dir: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(Self::path(runtime_dir)).ok()?).ok()
     }
 
-    /// Written with temp file + rename (no fsync: it is advisory).
-    pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
-        let path = Self::path(state_dir);
+    /// Written with temp file + rename (no fsync: it is advisory), the directory made if
+    /// missing.
+    pub fn save(&self, runtime_dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(runtime_dir)?;
+        let path = Self::path(runtime_dir);
         let temp = path.with_extension("json.tmp");
         std::fs::write(
             &temp,

@@ -157,7 +157,7 @@ fn the_daemon_polls_at_once_on_poll_now_and_stops_on_sigterm() {
     // The first poll happens at start and finds nothing.
     fleet_tests::wait_until("the first poll", 15, || {
         fleet.www.requests_matching("release.json").len() == 1
-            && host.state_dir.join("agent.json").exists()
+            && host.runtime_dir.join("agent.json").exists()
     });
     let status = run(host.agent(&["status", "--json"]));
     let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
@@ -185,7 +185,7 @@ fn the_daemon_polls_at_once_on_poll_now_and_stops_on_sigterm() {
     .ok();
     let status = daemon.0.wait().unwrap();
     assert_eq!(status.code(), Some(0));
-    assert!(!host.state_dir.join("agent.json").exists());
+    assert!(!host.runtime_dir.join("agent.json").exists());
 }
 
 #[test]

@@ -159,6 +159,10 @@ fn every_assertion_of_the_agent_module_fires_and_says_how_to_fix_it() {
             agent("paths.state_dir = \"/srv/fleet\";"),
             "state_dir must be below /var/lib",
         ),
+        (
+            agent("paths.runtime_dir = \"/var/lib/fleet-run\";"),
+            "runtime_dir must be below /run",
+        ),
     ];
     for (config, message) in rows {
         let failed = eval(&lib, &config)["failedAssertions"].clone();
@@ -177,6 +181,13 @@ fn every_assertion_of_the_agent_module_fires_and_says_how_to_fix_it() {
     let out = eval(&lib, &agent("paths.state_dir = \"/var/lib/fleet\";"));
     assert_eq!(out["failedAssertions"], serde_json::json!([]));
     assert_eq!(out["agent"]["serviceConfig"]["StateDirectory"], "fleet");
+    // The runtime directory (agent.json, rewritten after every poll) is on tmpfs.
+    assert_eq!(
+        out["agent"]["serviceConfig"]["RuntimeDirectory"],
+        "fleet-agent"
+    );
+    let out = eval(&lib, &agent("paths.runtime_dir = \"/run/fleet\";"));
+    assert_eq!(out["agent"]["serviceConfig"]["RuntimeDirectory"], "fleet");
 }
 
 #[test]
@@ -206,7 +217,7 @@ fn every_documented_setting_renders_to_toml_that_check_config_accepts() {
                 { name = "ok"; type = "command"; command = [ "/run/current-system/sw/bin/true" ]; }
               ];
             };
-            paths = { state_dir = "/var/lib/fleet-agent"; metrics_dir = "/var/lib/prometheus-node-exporter"; boot_dir = "/boot"; };
+            paths = { state_dir = "/var/lib/fleet-agent"; runtime_dir = "/run/fleet-agent"; metrics_dir = "/var/lib/prometheus-node-exporter"; boot_dir = "/boot"; };
             report = { url = "https://collector.example.org:9400"; heartbeat = "5m"; };
         "#,
         ),

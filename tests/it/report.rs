@@ -803,3 +803,100 @@ fn a_collector_answering_an_endless_refusal_costs_the_agent_nothing_more() {
         .count();
     assert!(queued >= 2, "{queued} reports queued");
 }
+
+/// Every file and directory below `dirs` with its size and modification and change times: what
+/// any write, creation, rename or removal changes.
+fn disk_snapshot(dirs: &[&Path]) -> Vec<(PathBuf, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    fn walk(path: &Path, out: &mut Vec<(PathBuf, u64, i64, i64)>) {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        out.push((
+            path.to_path_buf(),
+            meta.size(),
+            meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
+            meta.ctime_nsec() + meta.ctime() * 1_000_000_000,
+        ));
+        if meta.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            entries.sort();
+            for entry in entries {
+                walk(&entry, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for dir in dirs {
+        walk(dir, &mut out);
+    }
+    out
+}
+
+#[test]
+fn an_idle_daemon_writes_nothing_to_persistent_storage_while_it_polls_and_reports() {
+    let names = ["a"];
+    let (mut fleet, hosts, config) = reporting_fleet(&names);
+    let host = &hosts[0];
+    release(&mut fleet, &config, &names, "2", &[]);
+    let v2 = fleet.fleet.build("a");
+    let collector = Collector::start(
+        &fleet.dir.join("collector.db"),
+        &fleet.channel_dir.display().to_string(),
+        &fleet.release_public_key(),
+    );
+    let metrics = report_to(&fleet, host, &collector.url, "heartbeat = \"2s\"\n");
+    host.write_config(
+        &fleet.settings(
+            &[fleet.release_public_key()],
+            1,
+            &fleet.channel_url(Channel::Directory),
+        ),
+        "poll_interval = \"1s\"",
+        &format!(
+            "metrics_dir = \"{}\"\n[report]\nurl = \"{}\"\ntimeout = \"2s\"\nheartbeat = \"2s\"\n",
+            metrics.parent().unwrap().display(),
+            collector.url
+        ),
+    );
+    let _agent = fleet_tests::KillOnDrop(host.agent(&["run"]).spawn().unwrap());
+    wait_until("the release is committed and reported", 60, || {
+        host.generation().as_deref() == Some(v2.as_str())
+            && events(&collector.history("a"))
+                .iter()
+                .any(|e| e == "outcome idle")
+    });
+    // Let the deploy's last writes and reports settle, then watch an idle stretch.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let persistent = [host.state_dir.as_path(), metrics.parent().unwrap()];
+    let before = disk_snapshot(&persistent);
+    let heartbeats = |history: &[serde_json::Value]| {
+        events(history)
+            .iter()
+            .filter(|e| *e == "heartbeat idle")
+            .count()
+    };
+    let heard = heartbeats(&collector.history("a"));
+    let runtime = host.runtime_dir.join("agent.json");
+    let runtime_before = std::fs::metadata(&runtime).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(9));
+    let after = disk_snapshot(&persistent);
+    // It was busy: about nine polls (agent.json rewritten) and four heartbeats delivered.
+    assert!(std::fs::metadata(&runtime).unwrap().modified().unwrap() > runtime_before);
+    let heard_now = heartbeats(&collector.history("a"));
+    assert!(
+        heard_now >= heard + 3,
+        "{heard} then {heard_now} heartbeats"
+    );
+    // And nothing in the state directory or the metrics directory changed.
+    let changed: Vec<_> = after
+        .iter()
+        .filter(|entry| !before.contains(entry))
+        .chain(before.iter().filter(|entry| !after.contains(entry)))
+        .collect();
+    assert!(changed.is_empty(), "changed while idle: {changed:#?}");
+    host.assert_on(&v2);
+}

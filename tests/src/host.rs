@@ -18,6 +18,8 @@ pub struct SimHost {
     /// store need a sandbox holding `/bin/sh`).
     pub store: Option<PathBuf>,
     pub state_dir: PathBuf,
+    /// The daemon's `agent.json` (tmpfs on a real host).
+    pub runtime_dir: PathBuf,
     pub profile: PathBuf,
     pub current: PathBuf,
     pub booted: PathBuf,
@@ -63,6 +65,7 @@ impl SimHost {
             root: root.to_path_buf(),
             store: chroot.then(|| root.join("store")),
             state_dir: root.join("state"),
+            runtime_dir: root.join("run/fleet-agent"),
             profile: root.join("profiles/system"),
             current: root.join("run/current-system"),
             booted: root.join("run/booted-system"),
@@ -123,6 +126,7 @@ interval = "200ms"
 
 [paths]
 state_dir = "{state}"
+runtime_dir = "{runtime}"
 system_profile = "{profile}"
 current_system = "{current}"
 booted_system = "{booted}"
@@ -142,6 +146,7 @@ boot_dir = "{boot_dir}"
                 "poll_interval = \"2s\"\n"
             },
             state = self.state_dir.display(),
+            runtime = self.runtime_dir.display(),
             profile = self.profile.display(),
             current = self.current.display(),
             booted = self.booted.display(),

@@ -8,10 +8,10 @@ pub fn run(path: &Path) -> u8 {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let Some(runtime) = Runtime::load(&config.state_dir) else {
+    let Some(runtime) = Runtime::load(&config.runtime_dir) else {
         eprintln!(
             "fleet-agent: error: no running agent recorded in {} (is fleet-agent run active?)",
-            config.state_dir.display()
+            config.runtime_dir.display()
         );
         return 1;
     };

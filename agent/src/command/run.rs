@@ -127,7 +127,7 @@ async fn daemon(config: Config) -> u8 {
     // systemd restarts an agent whose runtime thread stops (WatchdogSec= in its unit).
     let watchdog =
         notify::watchdog_interval().map(|every| tokio::spawn(notify::feed_watchdog(every)));
-    let state_dir = config.state_dir.clone();
+    let runtime_dir = config.runtime_dir.clone();
     let interval = config.poll_interval;
     let mut safe_mode_reporter = None;
     let mut agent = loop {
@@ -144,8 +144,7 @@ async fn daemon(config: Config) -> u8 {
                     last_outcome: None,
                     safe_mode: Some(e.to_string()),
                 };
-                let _ = std::fs::create_dir_all(&state_dir);
-                let _ = runtime.save(&state_dir);
+                let _ = runtime.save(&runtime_dir);
                 tokio::select! {
                     () = tokio::time::sleep(interval) => {}
                     _ = hup.recv() => {}
@@ -233,8 +232,11 @@ async fn daemon(config: Config) -> u8 {
             last_outcome: serde_json::to_value(&outcome).ok(),
             safe_mode: None,
         };
-        if let Err(e) = runtime.save(&state_dir) {
-            log::warn!("cannot write {}: {e}", Runtime::path(&state_dir).display());
+        if let Err(e) = runtime.save(&runtime_dir) {
+            log::warn!(
+                "cannot write {}: {e}",
+                Runtime::path(&runtime_dir).display()
+            );
         }
         log::debug!("next poll in {}", humantime::format_duration(delay));
         tokio::select! {
@@ -244,7 +246,7 @@ async fn daemon(config: Config) -> u8 {
         }
     }
     notify::stopping();
-    let _ = std::fs::remove_file(Runtime::path(&state_dir));
+    let _ = std::fs::remove_file(Runtime::path(&runtime_dir));
     if let Some(sender) = sender {
         sender.abort();
     }

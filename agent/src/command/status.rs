@@ -17,7 +17,7 @@ pub fn run(path: &Path, json: bool) -> u8 {
         Err(code) => return code,
     };
     let state_file = StateFile::new(&config.state_dir);
-    let runtime = Runtime::load(&config.state_dir);
+    let runtime = Runtime::load(&config.runtime_dir);
     let current = resolve_link(&config.current_system);
     let booted = resolve_link(&config.booted_system);
     let profile = resolve_link(&config.system_profile);

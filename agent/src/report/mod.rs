@@ -5,7 +5,9 @@
 //! from the last one, at start, and as a heartbeat when it has said nothing for a while. Each
 //! report carries the host's whole state, so the newest one always tells the truth; the queue
 //! ([`queue`]) keeps them across restarts and power cuts until the collector took them, oldest
-//! first. A report the collector refuses for good (malformed, too large, a replay) is dropped
+//! first. A heartbeat (nothing new, the state repeated) is sent from memory and never written:
+//! an idle host writes nothing to its disk for it; the newest heartbeat waits in memory while
+//! the collector cannot be reached, and a queued report replaces it. A report the collector refuses for good (malformed, too large, a replay) is dropped
 //! with a log line; one it refuses for now (unknown host, forged: the release may not list this
 //! host's current key yet; rate limits; errors) stays queued.
 
@@ -40,6 +42,8 @@ pub struct Reporter {
     heartbeat: Duration,
     /// The last report pushed, and when: the heartbeat repeats it.
     latest: Mutex<Option<(Report, Instant)>>,
+    /// A signed heartbeat not delivered yet, in memory only.
+    heartbeat_pending: Mutex<Option<queue::Queued>>,
     wake: Notify,
 }
 
@@ -87,6 +91,7 @@ impl Reporter {
             client,
             heartbeat: settings.heartbeat,
             latest: Mutex::new(None),
+            heartbeat_pending: Mutex::new(None),
             wake: Notify::new(),
         })
     }
@@ -95,13 +100,25 @@ impl Reporter {
         &self.queue
     }
 
-    /// Gives the report its counter and time, signs it, queues it and wakes the sender. A report
-    /// that cannot be queued is logged and lost; the next one carries the same state.
+    /// Gives the report its counter and time, signs it, queues it and wakes the sender: on disk,
+    /// or in memory for a heartbeat (replacing an older one). A report that cannot be queued is
+    /// logged and lost; the next one carries the same state.
     pub fn push(&self, mut report: Report) {
         let queued = self.queue.next_counter().and_then(|counter| {
             report.counter = counter;
             report.time = unix_now();
             let (body, signature) = report.sign(&self.key);
+            let mut pending = self.heartbeat_pending.lock().expect("not poisoned");
+            if report.event == Event::Heartbeat {
+                *pending = Some(queue::Queued {
+                    counter,
+                    signature,
+                    body,
+                });
+                return Ok(());
+            }
+            // This report says all a waiting heartbeat would, and more.
+            *pending = None;
             self.queue.push(counter, &signature, &body)
         });
         match queued {
@@ -126,7 +143,25 @@ impl Reporter {
     /// Returns how many the collector took.
     pub async fn deliver(&self) -> Result<usize, DeliveryError> {
         let mut delivered = 0;
-        while let Some(queued) = self.queue.oldest()? {
+        loop {
+            let (queued, from_disk) = match self.queue.oldest()? {
+                Some(queued) => (queued, true),
+                None => match self.heartbeat_pending.lock().expect("not poisoned").clone() {
+                    Some(heartbeat) => (heartbeat, false),
+                    None => break,
+                },
+            };
+            let done = |counter: u64| -> Result<(), DeliveryError> {
+                if from_disk {
+                    self.queue.remove(counter)?;
+                } else {
+                    let mut pending = self.heartbeat_pending.lock().expect("not poisoned");
+                    if pending.as_ref().is_some_and(|p| p.counter == counter) {
+                        *pending = None;
+                    }
+                }
+                Ok(())
+            };
             let sent = self
                 .client
                 .post(&self.endpoint)
@@ -141,7 +176,7 @@ impl Reporter {
             })?;
             let status = response.status().as_u16();
             if response.status().is_success() {
-                self.queue.remove(queued.counter)?;
+                done(queued.counter)?;
                 delivered += 1;
                 continue;
             }
@@ -152,7 +187,7 @@ impl Reporter {
                     "the collector refused report {} for good ({status}): {body}; dropping it",
                     queued.counter
                 );
-                self.queue.remove(queued.counter)?;
+                done(queued.counter)?;
                 continue;
             }
             return Err(DeliveryError::Refused {
@@ -175,6 +210,15 @@ impl Reporter {
             })
     }
 
+    /// Whether anything waits for delivery, on disk or in memory.
+    fn pending(&self) -> bool {
+        self.heartbeat_pending
+            .lock()
+            .expect("not poisoned")
+            .is_some()
+            || !self.queue.counters().unwrap_or_default().is_empty()
+    }
+
     /// The sender: delivers what is queued, backing off while the collector cannot be reached,
     /// and repeats the latest report as a heartbeat when nothing was pushed for a while.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
@@ -189,7 +233,7 @@ impl Reporter {
                     self.push(report);
                 }
             }
-            let pending = !self.queue.counters().unwrap_or_default().is_empty();
+            let pending = self.pending();
             if pending && now >= retry_at {
                 match self.deliver().await {
                     Ok(n) => {
@@ -215,7 +259,7 @@ impl Reporter {
                     }
                 }
             }
-            let pending = !self.queue.counters().unwrap_or_default().is_empty();
+            let pending = self.pending();
             let wake_at = if pending && failures > 0 {
                 self.next_heartbeat().min(retry_at)
             } else {

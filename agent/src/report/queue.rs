@@ -1,16 +1,19 @@
 //! The on-disk report queue: signed reports wait here until the collector took them.
 //!
 //! ```text
-//! <state_dir>/reports/counter                  the highest counter ever given out
+//! <state_dir>/reports/counter                  a counter no report has reached yet
 //! <state_dir>/reports/00001790000000000001     one signed report: signature line, then body
 //! ```
 //!
 //! Every file is written whole (temporary file, fsync, rename, fsync of the directory), so a
 //! power cut leaves each report either queued or not, never half. Counters rise across restarts:
-//! the next one is above every queued report, the counter file (written when the last queued
-//! report leaves the queue, so the highest counter given out is always on disk) and the current
-//! time in microseconds, so even a state directory restored from a backup does not reuse old
-//! counters. The queue holds at most
+//! the next one is above every queued report, the counter file and the current time in
+//! microseconds, so even a state directory restored from a backup, or a clock that went back
+//! (a Pi without a battery-backed clock), does not reuse old counters. The counter file is a
+//! reservation: every counter given out is at most the one it holds, and it is moved
+//! [`RESERVATION`] ahead when a counter would pass it, so it is written about once a month and
+//! at each start, not per report: a report sent straight from memory (a heartbeat) writes
+//! nothing to disk. The queue holds at most
 //! `limit` reports; when full, the oldest goes, since every report carries the host's whole state
 //! and the newest always wins.
 
@@ -20,6 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The queue's directory in the state directory.
 pub const QUEUE_DIR: &str = "reports";
 const COUNTER_FILE: &str = "counter";
+/// How far ahead of the counter in use the counter file reserves: 30 days of microseconds.
+pub const RESERVATION: u64 = 30 * 24 * 3600 * 1_000_000;
 
 /// A queued report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +40,8 @@ pub struct Queue {
     limit: usize,
     /// The highest counter given out by this process.
     last: AtomicU64,
+    /// The reservation this process wrote to the counter file (0: none yet).
+    reserved: AtomicU64,
 }
 
 impl Queue {
@@ -43,6 +50,7 @@ impl Queue {
             dir: state_dir.join(QUEUE_DIR),
             limit: limit.max(1),
             last: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
         }
     }
 
@@ -50,18 +58,31 @@ impl Queue {
         &self.dir
     }
 
-    /// The next counter. It reaches the disk with the report that carries it.
+    /// The next counter, within the reservation on disk (moved ahead first when needed).
     pub fn next_counter(&self) -> std::io::Result<u64> {
-        let recorded = std::fs::read_to_string(self.dir.join(COUNTER_FILE))
-            .ok()
-            .and_then(|text| text.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        let queued = self.counters()?.last().copied().unwrap_or(0);
+        let reserved = self.reserved.load(Ordering::SeqCst);
+        let floor = if reserved == 0 {
+            // First counter of this process: above everything any earlier one may have used.
+            let recorded = std::fs::read_to_string(self.dir.join(COUNTER_FILE))
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let queued = self.counters()?.last().copied().unwrap_or(0);
+            recorded.max(queued)
+        } else {
+            0
+        };
         let micros = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros().min(u64::MAX as u128) as u64);
-        let last = self.last.load(Ordering::SeqCst).max(recorded).max(queued);
+        let last = self.last.load(Ordering::SeqCst).max(floor);
         let next = last.saturating_add(1).max(micros);
+        if next > reserved {
+            let reservation = next.saturating_add(RESERVATION);
+            std::fs::create_dir_all(&self.dir)?;
+            self.write_atomically(COUNTER_FILE, format!("{reservation}\n").as_bytes())?;
+            self.reserved.store(reservation, Ordering::SeqCst);
+        }
         self.last.fetch_max(next, Ordering::SeqCst);
         Ok(next)
     }
@@ -130,16 +151,9 @@ impl Queue {
         Ok(None)
     }
 
-    /// Removes a report the collector took (or refused for good). When it is the newest queued
-    /// report, its counter goes to the counter file first: the floor must stay on disk.
+    /// Removes a report the collector took (or refused for good). Its counter is below the
+    /// reservation on disk.
     pub fn remove(&self, counter: u64) -> std::io::Result<()> {
-        if self
-            .counters()?
-            .last()
-            .is_none_or(|newest| *newest <= counter)
-        {
-            self.write_atomically(COUNTER_FILE, format!("{counter}\n").as_bytes())?;
-        }
         match std::fs::remove_file(self.dir.join(format!("{counter:020}"))) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -162,25 +176,30 @@ mod tests {
         let a = queue.next_counter().unwrap();
         queue.push(a, "h:sig", b"{}").unwrap();
         queue.remove(a).unwrap();
-        // The queue emptied: its last counter is on disk for the next process.
-        assert_eq!(
-            std::fs::read_to_string(queue.dir().join(COUNTER_FILE)).unwrap(),
-            format!("{a}\n")
-        );
+        // The counter file holds a reservation ahead of it, written once for many counters.
+        let reservation = || -> u64 {
+            std::fs::read_to_string(queue.dir().join(COUNTER_FILE))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(reservation(), a + RESERVATION);
+        let more: Vec<u64> = (0..100).map(|_| queue.next_counter().unwrap()).collect();
+        assert!(more.windows(2).all(|w| w[0] < w[1]) && more[0] > a);
+        assert_eq!(reservation(), a + RESERVATION, "not rewritten per counter");
+        // A new process starts above the reservation, whatever its clock says.
         let b = Queue::new(dir.path(), 8).next_counter().unwrap();
-        assert!(b > a);
+        assert!(b > a + RESERVATION);
         // A queued report keeps the floor, also for a new process.
         queue.push(u64::MAX - 10, "h:sig", b"{}").unwrap();
         assert_eq!(
             Queue::new(dir.path(), 8).next_counter().unwrap(),
             u64::MAX - 9
         );
-        // A counter written to the file only (the queue emptied long ago) does too.
+        // Its reservation in the counter file does too, once the queue is empty.
         queue.remove(u64::MAX - 10).unwrap();
-        assert_eq!(
-            Queue::new(dir.path(), 8).next_counter().unwrap(),
-            u64::MAX - 9
-        );
+        assert!(Queue::new(dir.path(), 8).next_counter().unwrap() > u64::MAX - 9);
     }
 
     #[test]

@@ -72,6 +72,15 @@ pub struct RawConfig {
     /// Longest time to realise (substitute or build) a closure; default 1h.
     #[serde(default = "default_realise_timeout", with = "humantime_serde")]
     pub realise_timeout: Duration,
+    /// Free space the store's filesystem must keep after an update is unpacked ("512MiB",
+    /// "1GiB"); an update that would leave less is refused before anything is fetched;
+    /// default 512MiB.
+    #[serde(default = "default_disk_reserve", deserialize_with = "de_size")]
+    pub disk_reserve: u64,
+    /// Collect the store's garbage (only what nothing roots: every system generation stays)
+    /// when an update would not fit otherwise; default false.
+    #[serde(default)]
+    pub collect_garbage: bool,
     /// How often one release may be tried before the agent stops and asks for a person;
     /// default 3.
     #[serde(default = "default_max_attempts")]
@@ -454,6 +463,40 @@ fn default_max_backoff() -> Duration {
 fn default_realise_timeout() -> Duration {
     Duration::from_secs(3600)
 }
+fn default_disk_reserve() -> u64 {
+    512 << 20
+}
+
+/// A size: a number of bytes with an optional unit, binary (KiB, MiB, GiB, TiB; K, M, G, T)
+/// or decimal (KB, MB, GB, TB).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (e.g. \"512MiB\", \"2GiB\")"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => return Err(format!("unknown size unit '{other}' in '{text}'")),
+    };
+    Ok((number * factor as f64) as u64)
+}
+
+fn de_size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_size(&text).map_err(serde::de::Error::custom)
+}
 fn default_max_attempts() -> u32 {
     3
 }
@@ -591,6 +634,8 @@ pub struct Config {
     pub substituters: Vec<String>,
     pub use_release_substituters: bool,
     pub realise_timeout: Duration,
+    pub disk_reserve: u64,
+    pub collect_garbage: bool,
     pub max_attempts: u32,
     pub activation_mode: ActivationMode,
     pub switch_timeout: Duration,
@@ -792,6 +837,8 @@ impl Config {
             substituters: raw.substituters,
             use_release_substituters: raw.use_release_substituters,
             realise_timeout: raw.realise_timeout,
+            disk_reserve: raw.disk_reserve,
+            collect_garbage: raw.collect_garbage,
             max_attempts: raw.max_attempts,
             activation_mode: raw.activation.mode,
             switch_timeout: raw.activation.timeout,

@@ -48,6 +48,20 @@ pub enum NixError {
     NoSourceCommit { path: String },
     #[error("{path} does not look like a NixOS system: {missing} is missing")]
     NotAToplevel { path: String, missing: String },
+    #[error(
+        "the update needs {} in the store ({paths} paths, {} to download), but {} has {} \
+         free and must keep {}: refusing before fetching anything (free space in the store, \
+         lower disk_reserve, or set collect_garbage = true)",
+        mib(*needed), mib(*download), store.display(), mib(*free), mib(*reserve)
+    )]
+    DiskSpace {
+        paths: u64,
+        needed: u64,
+        download: u64,
+        free: u64,
+        reserve: u64,
+        store: PathBuf,
+    },
     #[error(transparent)]
     Process(#[from] ProcessError),
     #[error("cannot read the output of `{command}`: {detail}")]
@@ -63,11 +77,65 @@ impl NixError {
             Self::EvaluationMismatch { .. } => "evaluation_mismatch",
             Self::NoSourceCommit { .. } => "no_source_commit",
             Self::NotAToplevel { .. } => "not_a_toplevel",
+            Self::DiskSpace { .. } => "disk_space",
             Self::Process(ProcessError::TimedOut { .. }) => "realise_timeout",
             Self::Process(ProcessError::Cancelled { .. }) => "cancelled",
             Self::Process(_) | Self::Output { .. } => "nix_failed",
         }
     }
+}
+
+/// Bytes as MiB with one decimal, for messages.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// What realising a path would fetch, from the caches' narinfos.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FetchPlan {
+    pub paths: u64,
+    pub download: u64,
+    pub unpacked: u64,
+}
+
+/// Reads `nix-store --realise --dry-run`'s summary line: "this path will be fetched (0.00 MiB
+/// download, 0.43 MiB unpacked):" or "these 12 paths will be fetched (…)"; nothing to fetch
+/// prints no such line.
+pub fn parse_fetch_plan(stderr: &str) -> FetchPlan {
+    fn bytes(number: &str, unit: &str) -> Option<u64> {
+        crate::config::parse_size(&format!("{number}{unit}")).ok()
+    }
+    for line in stderr.lines() {
+        let Some((head, rest)) = line.split_once(" will be fetched (") else {
+            continue;
+        };
+        let paths = if head.trim() == "this path" {
+            1
+        } else {
+            head.split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        // "0.00 MiB download, 0.43 MiB unpacked):"
+        let words: Vec<&str> = rest
+            .split([' ', ',', ')'])
+            .filter(|w| !w.is_empty())
+            .collect();
+        let mut plan = FetchPlan {
+            paths,
+            ..FetchPlan::default()
+        };
+        for pair in words.windows(3) {
+            match pair[2] {
+                "download" => plan.download = bytes(pair[0], pair[1]).unwrap_or(0),
+                "unpacked" => plan.unpacked = bytes(pair[0], pair[1]).unwrap_or(0),
+                _ => {}
+            }
+        }
+        return plan;
+    }
+    FetchPlan::default()
 }
 
 /// Nix as this host is configured: which store, where it physically is.
@@ -121,6 +189,47 @@ impl Nix {
             Some(serde_json::Value::Bool(false)) => Err(NixError::SignaturesDisabled),
             _ => Ok(()),
         }
+    }
+
+    /// The store's directory on disk, whose filesystem an update fills.
+    pub fn store_dir(&self) -> PathBuf {
+        self.physical("/nix/store")
+    }
+
+    /// Bytes free for unprivileged use on the store's filesystem.
+    pub fn free_bytes(&self) -> std::io::Result<u64> {
+        let stat = rustix::fs::statvfs(self.store_dir())?;
+        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
+    /// What realising `path` would fetch with these substituters (`--dry-run`: narinfos only).
+    pub async fn fetch_plan(
+        &self,
+        path: &str,
+        substituters: &[String],
+        cancel: &CancellationToken,
+    ) -> Result<FetchPlan, NixError> {
+        let mut command = self.command("nix-store");
+        command.args(["--realise", "--dry-run", path]);
+        if !substituters.is_empty() {
+            command.args(["--option", "extra-substituters", &substituters.join(" ")]);
+        }
+        command.args(["--option", "narinfo-cache-negative-ttl", "0"]);
+        let (_, stderr) = process::run_output(command, QUICK, cancel).await?;
+        Ok(parse_fetch_plan(&stderr))
+    }
+
+    /// Deletes store paths nothing roots, until `bytes` are freed (every profile generation and
+    /// the agent's own roots stay).
+    pub async fn collect_garbage(
+        &self,
+        bytes: u64,
+        cancel: &CancellationToken,
+    ) -> Result<(), NixError> {
+        let mut command = self.command("nix-store");
+        command.args(["--gc", "--max-freed", &bytes.to_string()]);
+        process::run(command, Duration::from_secs(1800), cancel).await?;
+        Ok(())
     }
 
     /// Substitutes `path` (and its closure) and roots it at `root`; never builds.
@@ -278,4 +387,39 @@ pub fn resolve_link(path: &Path) -> Option<String> {
         current = target;
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_what_a_dry_run_would_fetch() {
+        let one = "this path will be fetched (0.00 MiB download, 0.43 MiB unpacked):\n  /nix/store/a-blob\n";
+        let plan = parse_fetch_plan(one);
+        assert_eq!(plan.paths, 1);
+        assert_eq!(plan.download, 0);
+        assert_eq!(plan.unpacked, (0.43 * (1u64 << 20) as f64) as u64);
+        let many = "these 12 paths will be fetched (30.50 MiB download, 120.00 MiB unpacked):\n";
+        assert_eq!(
+            parse_fetch_plan(many),
+            FetchPlan {
+                paths: 12,
+                download: (30.5 * (1u64 << 20) as f64) as u64,
+                unpacked: 120 << 20,
+            }
+        );
+        // Later Nix versions may choose another unit.
+        let kib = "these 2 paths will be fetched (12.0 KiB download, 1.5 GiB unpacked):";
+        assert_eq!(
+            parse_fetch_plan(kib).unpacked,
+            (1.5 * (1u64 << 30) as f64) as u64
+        );
+        // Nothing to fetch, or only paths no cache has.
+        assert_eq!(parse_fetch_plan(""), FetchPlan::default());
+        assert_eq!(
+            parse_fetch_plan("don't know how to build these paths:\n  /nix/store/x\n"),
+            FetchPlan::default()
+        );
+    }
 }

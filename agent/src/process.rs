@@ -112,10 +112,21 @@ async fn kill_group(pid: u32) {
 
 /// Runs `command` to completion within `timeout`; returns its stdout when it exits 0.
 pub async fn run(
-    mut command: Command,
+    command: Command,
     timeout: Duration,
     cancel: &CancellationToken,
 ) -> Result<Vec<u8>, ProcessError> {
+    run_output(command, timeout, cancel)
+        .await
+        .map(|(stdout, _)| stdout)
+}
+
+/// [`run`], returning stderr too (where Nix says what a dry run would do).
+pub async fn run_output(
+    mut command: Command,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<(Vec<u8>, String), ProcessError> {
     let line = command_line(&command);
     log::debug!("running {line}");
     command
@@ -135,7 +146,10 @@ pub async fn run(
         () = cancel.cancelled() => Err(ProcessError::Cancelled { command: line.clone() }),
     };
     match outcome {
-        Ok(Ok(output)) if output.status.success() => Ok(output.stdout),
+        Ok(Ok(output)) if output.status.success() => Ok((
+            output.stdout,
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )),
         Ok(Ok(output)) => Err(ProcessError::Failed {
             command: line,
             status: describe(output.status),

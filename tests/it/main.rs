@@ -4,6 +4,7 @@ mod agent;
 mod build;
 mod common;
 mod crash;
+mod disk;
 mod machine;
 mod module;
 mod nix_files;

@@ -206,6 +206,8 @@ fn every_documented_setting_renders_to_toml_that_check_config_accepts() {
             max_backoff = "1h";
             channel_timeout = "60s";
             realise_timeout = "1h";
+            disk_reserve = "1GiB";
+            collect_garbage = true;
             max_attempts = 3;
             activation = { mode = "systemd-run"; timeout = "10m"; reboot = "auto"; reboot_window = "02:00-05:00"; };
             health = {

@@ -16,6 +16,8 @@ pub struct Host {
     /// "ok", "fail" (switch-to-configuration test fails) or "hang".
     pub behaviour: String,
     pub kernel: String,
+    /// MiB of incompressible data in the system (a closure of realistic size).
+    pub payload_mib: u32,
 }
 
 /// A salt unique to this process and fleet, so no two tests share a store path.
@@ -67,6 +69,7 @@ impl FixtureFleet {
                     version: "1".into(),
                     behaviour: "ok".into(),
                     kernel: "6.1.0".into(),
+                    payload_mib: 0,
                 };
                 (name.to_string(), host)
             })
@@ -88,13 +91,14 @@ impl FixtureFleet {
         for (name, h) in &self.hosts {
             text += &format!(
                 "  \"{name}\" = {{ type = \"{}\"; system = \"{}\"; version = \"{}\"; \
-                 behaviour = \"{}\"; kernel = \"{}\"; salt = \"{}\"; }};\n",
+                 behaviour = \"{}\"; kernel = \"{}\"; salt = \"{}\"; payloadMiB = {}; }};\n",
                 h.kind,
                 system(),
                 h.version,
                 h.behaviour,
                 h.kernel,
-                self.salt
+                self.salt,
+                h.payload_mib
             );
         }
         text += "}\n";

@@ -169,3 +169,14 @@ fn reboot_windows_wrap_midnight_and_say_when_they_open() {
         assert!(DailyWindow::parse(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn sizes_take_binary_and_decimal_units() {
+    assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+    assert_eq!(parse_size("512M"), Ok(512 << 20));
+    assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+    assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+    assert_eq!(parse_size("4096"), Ok(4096));
+    assert!(parse_size("lots").is_err());
+    assert!(parse_size("5 parsecs").unwrap_err().contains("parsecs"));
+}

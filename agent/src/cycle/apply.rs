@@ -31,6 +31,12 @@ impl Agent {
     /// Realise → trial → health → commit, or rollback.
     pub(crate) async fn apply(&mut self, verified: &VerifiedRelease, toplevel: &str) -> Outcome {
         let serial = verified.serial();
+        // Before anything is fetched or counted as an attempt: an update that does not fit is
+        // refused with the numbers, and asked again at every poll.
+        if let Err(e) = self.check_disk_space(verified, toplevel).await {
+            let message = format!("cannot realise release {serial}: {e}");
+            return self.fail(e.code(), message, Some(serial));
+        }
         self.count_attempt(serial, toplevel);
         let phase = Phase::Realising {
             serial,
@@ -64,6 +70,92 @@ impl Agent {
         self.trial(serial, toplevel).await
     }
 
+    /// The substituters to realise a release's closure from: the configured ones and, unless
+    /// turned off, the release's hints.
+    fn substituters_for(&self, verified: &VerifiedRelease) -> Vec<String> {
+        let mut substituters = self.config.substituters.clone();
+        if self.config.use_release_substituters {
+            substituters.extend(verified.release().substituters.iter().cloned());
+        }
+        substituters
+    }
+
+    /// Refuses an update whose closure would leave less than `disk_reserve` free on the
+    /// store's filesystem, from the caches' narinfos (what a dry run would fetch, unpacked);
+    /// with `collect_garbage`, collects what nothing roots first. When the sizes or the free
+    /// space cannot be read, the realise goes ahead (Nix then fails on a full disk as before).
+    async fn check_disk_space(
+        &mut self,
+        verified: &VerifiedRelease,
+        toplevel: &str,
+    ) -> Result<(), NixError> {
+        let substituters = self.substituters_for(verified);
+        let plan = match self
+            .nix
+            .fetch_plan(toplevel, &substituters, &self.cancel)
+            .await
+        {
+            Ok(plan) => plan,
+            Err(e @ NixError::Process(crate::process::ProcessError::Cancelled { .. })) => {
+                return Err(e)
+            }
+            Err(e) => {
+                log::warn!("cannot tell how much the update needs on disk ({e}): going ahead");
+                return Ok(());
+            }
+        };
+        if plan.unpacked == 0 {
+            return Ok(());
+        }
+        let reserve = self.config.disk_reserve;
+        let needed = plan.unpacked.saturating_add(reserve);
+        let free = match self.nix.free_bytes() {
+            Ok(free) => free,
+            Err(e) => {
+                log::warn!(
+                    "cannot read the free space of {} ({e}): going ahead",
+                    self.nix.store_dir().display()
+                );
+                return Ok(());
+            }
+        };
+        log::debug!(
+            "the update fetches {} paths ({} download, {} unpacked); {} free",
+            plan.paths,
+            crate::nix::mib(plan.download),
+            crate::nix::mib(plan.unpacked),
+            crate::nix::mib(free)
+        );
+        if free >= needed {
+            return Ok(());
+        }
+        let refusal = |free: u64| NixError::DiskSpace {
+            paths: plan.paths,
+            needed: plan.unpacked,
+            download: plan.download,
+            free,
+            reserve,
+            store: self.nix.store_dir(),
+        };
+        if !self.config.collect_garbage {
+            return Err(refusal(free));
+        }
+        log::info!(
+            "the update needs {} more in the store: collecting garbage (every system generation \
+             stays)",
+            crate::nix::mib(needed - free)
+        );
+        self.nix
+            .collect_garbage(needed - free, &self.cancel)
+            .await?;
+        let free = self.nix.free_bytes().unwrap_or(0);
+        if free >= needed {
+            log::info!("garbage collected: {} free", crate::nix::mib(free));
+            return Ok(());
+        }
+        Err(refusal(free))
+    }
+
     async fn realise(
         &mut self,
         verified: &VerifiedRelease,
@@ -74,10 +166,7 @@ impl Agent {
             let _ = std::fs::create_dir_all(dir);
         }
         let release = verified.release();
-        let mut substituters = self.config.substituters.clone();
-        if self.config.use_release_substituters {
-            substituters.extend(release.substituters.iter().cloned());
-        }
+        let substituters = self.substituters_for(verified);
         // The realise forces Nix's signature checks itself, so the config check that refuses a
         // host with require-sigs = false can run beside it instead of before it (it costs a
         // `nix show-config`, ~40 ms); its verdict still comes before anything is activated.

@@ -41,6 +41,9 @@ pub struct RawConfig {
     pub channel: String,
     /// A file whose content is a bearer token (http) or an HTTPS password/token (git).
     pub token_file: Option<PathBuf>,
+    /// PEM certificates to trust for HTTPS besides the system's trust store (a private CA),
+    /// for the channel, the collector and HTTP health checks.
+    pub ca_file: Option<PathBuf>,
     /// An SSH private key file for git+ssh channels.
     pub ssh_key_file: Option<PathBuf>,
     /// A known_hosts file holding the git server's host key (git+ssh channels); default: the
@@ -624,6 +627,7 @@ pub struct Config {
     pub trust: TrustPolicy,
     pub channel: ChannelSpec,
     pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
     pub ssh_key_file: Option<PathBuf>,
     pub ssh_known_hosts_file: Option<PathBuf>,
     pub poll_interval: Duration,
@@ -784,6 +788,7 @@ impl Config {
                     heartbeat: raw.report.heartbeat,
                     timeout: raw.report.timeout,
                     queue_limit: raw.report.queue_limit,
+                    ca_file: raw.ca_file.clone(),
                 })
             }
             Some(url) => {
@@ -812,6 +817,9 @@ impl Config {
                 "activation.reboot_window applies only with activation.reboot = \"auto\"".into(),
             );
         }
+        if let Some(file) = raw.ca_file.as_ref().filter(|f| !f.is_absolute()) {
+            problems.push(format!("ca_file '{}' must be absolute", file.display()));
+        }
         if let Some(dir) = raw.paths.metrics_dir.as_ref().filter(|d| !d.is_absolute()) {
             problems.push(format!(
                 "paths.metrics_dir '{}' must be absolute",
@@ -827,6 +835,7 @@ impl Config {
             trust,
             channel,
             token_file: raw.token_file,
+            ca_file: raw.ca_file,
             ssh_key_file: raw.ssh_key_file,
             ssh_known_hosts_file: raw.ssh_known_hosts_file,
             poll_interval: raw.poll_interval,

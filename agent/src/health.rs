@@ -74,7 +74,9 @@ impl Health<'_> {
                         .map_err(|_| format!("unit {unit} is not active"))
                 }
                 CheckKind::Http { url, status } => {
+                    let tls = crate::tls::client_config(self.config.ca_file.as_deref())?;
                     let client = reqwest::Client::builder()
+                        .use_preconfigured_tls(tls)
                         .timeout(check.timeout)
                         .build()
                         .map_err(|e| e.to_string())?;

@@ -21,3 +21,4 @@ pub mod process;
 pub mod release;
 pub mod report;
 pub mod state;
+pub mod tls;

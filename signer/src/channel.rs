@@ -150,6 +150,7 @@ fn read_directory(dir: &Path) -> Result<Option<Published>> {
 
 fn read_http(base: &str) -> Result<Option<Published>> {
     let client = reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(crate::config::tls()?)
         .connect_timeout(HTTP_CONNECT_TIMEOUT)
         .timeout(HTTP_TOTAL_TIMEOUT)
         .user_agent(concat!("fleet-sign/", env!("CARGO_PKG_VERSION")))

@@ -72,6 +72,9 @@ pub struct RawConfig {
     pub hosts: BTreeMap<String, RawHost>,
     /// The collector: where `fleet-sign status` reads and how `fleet-sign collect` runs.
     pub collector: Option<RawCollector>,
+    /// PEM certificates to trust for HTTPS besides the system's trust store (https channels
+    /// and the collector behind a private CA); `$FLEET_CA_FILE` when the file does not say.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[collector]`.
@@ -127,7 +130,11 @@ impl Loaded {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
-        Ok(Self { raw, base })
+        let loaded = Self { raw, base };
+        if let Some(ca_file) = &loaded.raw.ca_file {
+            set_ca_file(loaded.resolve(ca_file));
+        }
+        Ok(loaded)
     }
 
     /// A path from the file, made relative to the file's directory.
@@ -206,4 +213,19 @@ pub fn flake_ref(text: &str, base: &Path) -> Result<String> {
         ))
     })?;
     Ok(absolute.display().to_string())
+}
+
+static CA_FILE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Makes `path` the CA file of every HTTPS client fleet-sign builds from now on.
+pub fn set_ca_file(path: PathBuf) {
+    *CA_FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+}
+
+/// The TLS configuration of fleet-sign's HTTPS clients: the system's trust store plus
+/// `ca_file` from fleet.toml, else `$FLEET_CA_FILE`.
+pub fn tls() -> Result<rustls::ClientConfig> {
+    let configured = CA_FILE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let ca_file = configured.or_else(|| std::env::var_os("FLEET_CA_FILE").map(PathBuf::from));
+    fleet_agent::tls::client_config(ca_file.as_deref()).map_err(|e| anyhow::anyhow!(e))
 }

@@ -12,3 +12,4 @@ mod refusals;
 mod release;
 mod report;
 mod rollback;
+mod tls;

@@ -348,3 +348,66 @@ fn respond(shared: &Arc<Shared>, request: tiny_http::Request) {
     // The client may hang up first (that is what several tests do): nothing to report.
     let _ = result;
 }
+
+/// Files of a directory over HTTPS (Python's http.server behind `ssl`), with a certificate and
+/// key given in PEM; requests are logged to a file.
+pub struct TlsFileServer {
+    _child: crate::KillOnDrop,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl TlsFileServer {
+    pub fn serve(
+        dir: &std::path::Path,
+        cert_pem: &str,
+        key_pem: &str,
+        work: &std::path::Path,
+    ) -> Self {
+        std::fs::create_dir_all(work).unwrap();
+        let (cert, key, log) = (
+            work.join("cert.pem"),
+            work.join("key.pem"),
+            work.join("requests.log"),
+        );
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        let script = "import functools, http.server, ssl, sys\n\
+            port, directory, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]\n\
+            handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)\n\
+            server = http.server.ThreadingHTTPServer(('127.0.0.1', port), handler)\n\
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+            context.load_cert_chain(cert, key)\n\
+            server.socket = context.wrap_socket(server.socket, server_side=True)\n\
+            server.serve_forever()\n";
+        let port = crate::free_port();
+        let child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(dir)
+            .arg(&cert)
+            .arg(&key)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("python3 (scripts/setup installs it)");
+        let server = Self {
+            _child: crate::KillOnDrop(child),
+            port,
+            log,
+        };
+        crate::wait_for_port(port);
+        server
+    }
+
+    /// The request lines the server answered (`GET /release.json`…).
+    pub fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"GET ") || l.contains("\"HEAD "))
+            .map(str::to_owned)
+            .collect()
+    }
+}

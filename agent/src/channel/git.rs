@@ -9,7 +9,6 @@ use super::{ChannelError, Fetched, Polled, FILES, MAX_GIT_FETCH_BYTES};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 const TIP_REF: &str = "refs/fleet/tip";
 
@@ -22,27 +21,18 @@ pub struct GitChannel {
 }
 
 impl GitChannel {
+    /// `transport`: the credentials, timeout and CA file its fetches use.
     pub fn new(
         url: String,
         refname: String,
         repo_dir: PathBuf,
-        token: Option<String>,
-        ssh_key: Option<PathBuf>,
-        ssh_known_hosts: Option<PathBuf>,
-        timeout: Duration,
+        transport: git_transport::Settings,
     ) -> Self {
         Self {
             url,
             refname,
             repo_dir,
-            transport: git_transport::Settings {
-                token,
-                ssh_key,
-                ssh_known_hosts,
-                timeout,
-                runtime: None,
-                cancelled: None,
-            },
+            transport,
             last_tip: None,
         }
     }
@@ -193,6 +183,17 @@ impl Job {
                     ),
                     after: super::STALL_TIMEOUT.min(self.transport.timeout),
                 });
+            }
+            if error
+                .message()
+                .contains(git_transport::UNTRUSTED_CERTIFICATE)
+            {
+                return Err(ChannelError::Tls(format!(
+                    "cannot fetch ref '{}' from '{}': {} (the system's trust store and ca_file)",
+                    self.refname,
+                    self.url,
+                    error.message()
+                )));
             }
             if error.message().contains("couldn't find remote ref") {
                 return Ok((None, Polled::Empty));

@@ -39,6 +39,8 @@ pub struct Settings {
     pub ssh_key: Option<PathBuf>,
     pub ssh_known_hosts: Option<PathBuf>,
     pub timeout: Duration,
+    /// Certificates to trust for HTTPS besides the system's.
+    pub ca_file: Option<PathBuf>,
     /// The fetch's own runtime, to drive reqwest from the blocking fetch thread: not the
     /// agent's, which may shut down (the process ends) while a given-up fetch still reads.
     pub runtime: Option<Arc<tokio::runtime::Runtime>>,
@@ -74,6 +76,10 @@ pub fn too_large(message: &str) -> Option<(&'static str, usize)> {
     };
     Some((what, limit))
 }
+
+/// How a refused server certificate is reported through libgit2, so the fetch can say
+/// `tls_untrusted`.
+pub const UNTRUSTED_CERTIFICATE: &str = "presented a certificate that is not trusted";
 
 /// How a stalled answer is reported through libgit2, so the fetch can say `channel_timeout`.
 pub const STALLED: &str = "stopped sending";
@@ -149,7 +155,15 @@ fn error(message: impl Into<String>) -> std::io::Error {
 
 /// The HTTP client for git requests.
 fn http_client(settings: &Settings) -> Option<reqwest::Client> {
+    let tls = match crate::tls::client_config(settings.ca_file.as_deref()) {
+        Ok(tls) => tls,
+        Err(e) => {
+            log::error!("{e}");
+            return None;
+        }
+    };
     reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
         .connect_timeout(super::CONNECT_TIMEOUT)
         .timeout(settings.timeout.max(Duration::from_secs(1)))
         .read_timeout(super::STALL_TIMEOUT.min(settings.timeout.max(Duration::from_secs(1))))
@@ -253,6 +267,11 @@ fn runtime_for(settings: &Settings) -> std::io::Result<Arc<tokio::runtime::Runti
 fn http_error(what: &str, url: &str, e: reqwest::Error) -> std::io::Error {
     if e.is_timeout() {
         error(format!("{url} {STALLED}: {e}"))
+    } else if crate::tls::is_certificate_error(&e) {
+        error(format!(
+            "{url} {UNTRUSTED_CERTIFICATE}: {}",
+            crate::process::error_chain(&e)
+        ))
     } else {
         error(format!("{what} {url}: {e}"))
     }
@@ -1041,6 +1060,7 @@ mod v2_tests {
             ssh_key: None,
             ssh_known_hosts: None,
             timeout: Duration::from_secs(60),
+            ca_file: None,
             runtime: None,
             cancelled: None,
         };

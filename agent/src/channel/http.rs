@@ -25,6 +25,7 @@ impl HttpChannel {
         base: String,
         token: Option<String>,
         timeout: Duration,
+        ca_file: Option<&std::path::Path>,
     ) -> Result<Self, ChannelError> {
         let mut headers = HeaderMap::new();
         if let Some(token) = token {
@@ -36,7 +37,9 @@ impl HttpChannel {
             value.set_sensitive(true);
             headers.insert(header::AUTHORIZATION, value);
         }
+        let tls = crate::tls::client_config(ca_file).map_err(ChannelError::Http)?;
         let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(STALL_TIMEOUT.min(timeout))
             .timeout(timeout)
@@ -136,6 +139,12 @@ fn http_error(url: &str, error: reqwest::Error, after: Duration) -> ChannelError
             what: url.to_owned(),
             after,
         }
+    } else if crate::tls::is_certificate_error(&error) {
+        ChannelError::Tls(format!(
+            "{url}: the server's certificate is not trusted: {} (the system's trust store and \
+             ca_file)",
+            crate::process::error_chain(&error)
+        ))
     } else {
         ChannelError::Http(format!(
             "cannot fetch {url}: {}",

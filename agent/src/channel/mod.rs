@@ -48,6 +48,9 @@ pub enum ChannelError {
     TimedOut { what: String, after: Duration },
     #[error("{0}")]
     Http(String),
+    /// The server's certificate was refused (unknown issuer, wrong name, expired).
+    #[error("{0}")]
+    Tls(String),
     #[error("{0}")]
     Git(String),
     #[error("{what}: {source}")]
@@ -66,6 +69,7 @@ impl ChannelError {
             Self::TooLarge { .. } => "too_large",
             Self::TimedOut { .. } => "channel_timeout",
             Self::Credentials(_) => "channel_credentials",
+            Self::Tls(_) => "tls_untrusted",
             _ => "channel_unreachable",
         }
     }
@@ -101,15 +105,21 @@ impl Channel {
                 url.clone(),
                 read_secret(&config.token_file)?,
                 config.channel_timeout,
+                config.ca_file.as_deref(),
             )?),
             ChannelSpec::Git { url, refname } => Kind::Git(git::GitChannel::new(
                 url.clone(),
                 refname.clone(),
                 config.state_dir.join("git"),
-                read_secret(&config.token_file)?,
-                config.ssh_key_file.clone(),
-                config.ssh_known_hosts_file.clone(),
-                config.channel_timeout,
+                git_transport::Settings {
+                    token: read_secret(&config.token_file)?,
+                    ssh_key: config.ssh_key_file.clone(),
+                    ssh_known_hosts: config.ssh_known_hosts_file.clone(),
+                    timeout: config.channel_timeout,
+                    ca_file: config.ca_file.clone(),
+                    runtime: None,
+                    cancelled: None,
+                },
             )),
         };
         Ok(Self {

@@ -31,6 +31,8 @@ pub struct ReportSettings {
     pub heartbeat: Duration,
     pub timeout: Duration,
     pub queue_limit: usize,
+    /// Certificates to trust besides the system's (`ca_file`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Sends a host's reports. Shared by the deploy cycle (which pushes) and the sender task.
@@ -74,7 +76,9 @@ impl Reporter {
         key: SecretKey,
         state_dir: &std::path::Path,
     ) -> Result<Self, String> {
+        let tls = crate::tls::client_config(settings.ca_file.as_deref())?;
         let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
             .connect_timeout(crate::channel::CONNECT_TIMEOUT.min(settings.timeout))
             .timeout(settings.timeout)
             .user_agent(concat!("fleet-agent/", env!("CARGO_PKG_VERSION")))

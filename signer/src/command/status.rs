@@ -38,6 +38,7 @@ pub fn run(args: Args) -> Result<()> {
         })?;
     let endpoint = format!("{}/v1/fleet", url.trim_end_matches('/'));
     let client = reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(crate::config::tls()?)
         .timeout(Duration::from_secs(30))
         .user_agent(concat!("fleet-sign/", env!("CARGO_PKG_VERSION")))
         .build()?;

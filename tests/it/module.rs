@@ -201,6 +201,7 @@ fn every_documented_setting_renders_to_toml_that_check_config_accepts() {
             threshold = 1;
             realise = "substitute-or-build";
             token_file = "/run/secrets/fleet-channel";
+            ca_file = "/etc/ssl/company-ca.pem";
             poll_interval = "5m";
             poll_splay = "30s";
             max_backoff = "1h";

@@ -393,6 +393,7 @@ fn hostile_git_over_http_is_bounded_and_changes_nothing() {
     // A git channel on the hostile server, with a channel timeout longer than the stall rule.
     let channel = format!("git+{}/fleet.git", s.fleet.www.url());
     // (answer, channel_timeout, reason code, must end within seconds)
+    let mut baseline = None;
     for (mode, timeout, code, within) in [
         (Mode::Status(500), "40s", "channel_unreachable", 15),
         // Garbage: refused as soon as it is not git.
@@ -413,8 +414,14 @@ fn hostile_git_over_http_is_bounded_and_changes_nothing() {
         );
         s.fleet.www.set_mode(mode.clone());
         let started = std::time::Instant::now();
-        let out = run(s.host.agent(&["once", "--json"]));
+        let (out, peak) = run_measuring_peak(s.host.agent(&["once", "--json"]));
         let elapsed = started.elapsed();
+        // The first row (an HTTP 500, nothing read) is the figure the others are held to.
+        let baseline = *baseline.get_or_insert(peak);
+        assert!(
+            peak < baseline + 32 * 1024,
+            "{mode:?}: peak RSS {peak} KiB, {baseline} KiB for a plain refusal"
+        );
         let outcome: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
         assert_eq!(out.code, Some(1), "{mode:?}: {out}");
         assert_eq!(outcome["code"], code, "{mode:?}: {outcome}");

@@ -17,6 +17,7 @@ mod git;
 mod keyfile;
 mod nix;
 mod process;
+mod record;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

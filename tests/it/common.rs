@@ -91,6 +91,8 @@ impl Fleet {
     /// `fleet-sign release` signed by `keys`, publishing to `channels`.
     pub fn release_with(&self, keys: &[&Path], channels: &[String], extra: &[&str]) -> Run {
         let mut c = command("fleet-sign");
+        // The workstation's record of issued serials, this fleet's own.
+        c.env("XDG_STATE_HOME", self.workstation_state());
         c.arg("release")
             .args(["--fleet", "home", "--flake", &self.fleet.flake_ref()])
             .arg("--cache")
@@ -106,6 +108,11 @@ impl Fleet {
         }
         c.args(extra);
         run(c)
+    }
+
+    /// Where `fleet-sign release` keeps its record of the serials it issued (XDG_STATE_HOME).
+    pub fn workstation_state(&self) -> PathBuf {
+        self.dir.join("workstation-state")
     }
 
     /// The git remote as a channel, by path.

@@ -532,7 +532,8 @@ fn hostile_git_daemons_are_bounded_and_the_next_good_answer_is_taken() {
     }
     // The server behaves again, with a new release (v3, pushed by fleet-sign): the host takes it.
     hostile.set_mode(DaemonMode::Normal);
-    s.fleet.release(&[]).ok();
+    // (Above serial 5, which setup put in the directory channel only.)
+    s.fleet.release(&["--serial", "6"]).ok();
     let (code, outcome) = s.host.once_outcome();
     assert_eq!(code, Some(0), "{outcome}");
     s.host.assert_on(s.v3.as_str());
@@ -621,7 +622,7 @@ fn a_daemon_polling_a_hostile_git_daemon_stays_bounded_and_takes_the_next_good_r
     std::thread::sleep(std::time::Duration::from_secs(5));
     // A new release behind an endless pack: cut at the fetch's cap.
     hostile.set_mode(DaemonMode::EndlessPack);
-    s.fleet.release(&[]).ok();
+    s.fleet.release(&["--serial", "6"]).ok();
     fleet_tests::wait_until("too_large from the endless pack", 20, || {
         s.host.state()["last_error"]["message"]
             .as_str()

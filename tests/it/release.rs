@@ -472,3 +472,63 @@ fn systems_built_beforehand_are_released_by_path_and_still_checked_in_the_cache(
     assert_eq!(doc["hosts"]["a"]["toplevel"], a2.as_str());
     assert_eq!(doc["hosts"]["b"]["toplevel"], b2.as_str());
 }
+
+#[test]
+fn a_channel_rolled_back_is_named_and_no_serial_is_issued_twice() {
+    let mut op = Fleet::new(&["a"]);
+    op.release(&[]).ok();
+    let files = ["release.json", "release.json.sig"];
+    let old: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(op.channel_dir.join(f)).unwrap())
+        .collect();
+    op.fleet.set("a", |h| h.version = "2".into());
+    op.fleet.commit("a: v2");
+    op.release(&[]).ok();
+    assert_eq!(op.published_json()["serial"], 2);
+    // The directory channel is restored from an old backup: it holds release 1 again.
+    let roll_back = |op: &Fleet| {
+        for (file, bytes) in files.iter().zip(&old) {
+            std::fs::write(op.channel_dir.join(file), bytes).unwrap();
+        }
+    };
+    roll_back(&op);
+    op.fleet.set("a", |h| h.version = "3".into());
+    op.fleet.commit("a: v3");
+    let dir = op.channel_dir.display().to_string();
+    let refused = op.release(&[]);
+    refused.fails_with(2, "channel_behind");
+    refused.fails_with(2, &format!("{dir} holds serial 1"));
+    assert!(refused.stderr.contains("--serial 3"), "{refused}");
+    assert_eq!(op.published_json()["serial"], 1, "nothing was published");
+    // Without the workstation's record, the other channel still tells.
+    std::fs::remove_dir_all(op.workstation_state()).unwrap();
+    op.release(&[]).fails_with(2, "channel_behind");
+    // An explicit serial above every channel moves them all past it, and is recorded.
+    op.release(&["--serial", "3"]).ok();
+    assert_eq!(op.published_json()["serial"], 3);
+    // With only the rolled-back channel to read, the workstation's record tells.
+    roll_back(&op);
+    let only_dir = [dir.clone()];
+    op.release_with(&[&op.release_key], &only_dir, &[])
+        .fails_with(2, "this workstation issued");
+    assert_eq!(op.published_json()["serial"], 1, "nothing was published");
+    // An explicit serial above everything known moves every channel past it.
+    op.release_with(&[&op.release_key], &only_dir, &["--serial", "4"])
+        .ok();
+    assert_eq!(op.published_json()["serial"], 4);
+    // A replay is visible from the workstation: the directory channel rolled back again.
+    roll_back(&op);
+    let replayed = op.verify(&dir, &["--min-serial", "4", "--json"]);
+    assert_eq!(replayed.code, Some(3), "{replayed}");
+    assert_eq!(json(&replayed)["code"], "serial_too_low");
+    op.verify(&op.git_channel(), &["--min-serial", "3"]).ok();
+    let recorded: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(op.workstation_state().join("fleet-sign/serials.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        recorded.as_object().unwrap().values().any(|v| v == 4),
+        "{recorded}"
+    );
+}

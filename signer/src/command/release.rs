@@ -14,6 +14,7 @@
 use super::{now, rfc3339, SigningArgs};
 use crate::channel::{Channel, Published};
 use crate::config::{Loaded, RawHost};
+use crate::record::Record;
 use crate::{keyfile, nix};
 use anyhow::{bail, Context as _, Result};
 use fleet_agent::release::{
@@ -269,14 +270,19 @@ fn select_hosts(
     Ok(chosen.into_iter().collect())
 }
 
-/// The newest verified release among the channels, if any.
-fn current_release(settings: &Settings) -> Result<Option<(Release, Accepted)>> {
+/// What the channels hold: the newest verified release, if any, and each channel's serial.
+type Current = (Option<(Release, Accepted)>, Vec<(String, Option<u64>)>);
+
+/// The newest verified release among the channels, and the serial each channel holds.
+fn current_release(settings: &Settings) -> Result<Current> {
     let mut newest: Option<(Release, Accepted)> = None;
+    let mut held = Vec::new();
     for channel in &settings.channels {
         let Some(published) = channel
             .read()
             .with_context(|| format!("could not read the current release from {channel}"))?
         else {
+            held.push((channel.to_string(), None));
             continue;
         };
         // Expiry does not matter for a release about to be replaced: check at time 0.
@@ -302,6 +308,7 @@ fn current_release(settings: &Settings) -> Result<Option<(Release, Accepted)>> {
             serial: verified.serial(),
             digest: verified.digest(),
         };
+        held.push((channel.to_string(), Some(accepted.serial)));
         if newest
             .as_ref()
             .is_none_or(|(_, a)| a.serial < accepted.serial)
@@ -309,7 +316,59 @@ fn current_release(settings: &Settings) -> Result<Option<(Release, Accepted)>> {
             newest = Some((verified.release().clone(), accepted));
         }
     }
-    Ok(newest)
+    Ok((newest, held))
+}
+
+/// The serial of the new release: above every serial any channel holds and this workstation
+/// issued. Refuses (`channel_behind`) when a channel holds an older release than that: it was
+/// rolled back or missed a publish, and hosts polling it may have passed serials it does not
+/// know; `--serial` above the highest known one publishes anyway, moving every channel past it.
+fn next_serial(
+    requested: Option<u64>,
+    held: &[(String, Option<u64>)],
+    recorded: Option<u64>,
+    record: &std::path::Path,
+) -> Result<u64> {
+    let in_channels = held.iter().filter_map(|(_, s)| *s).max();
+    let highest = in_channels.max(recorded);
+    let source = |serial: u64| {
+        if in_channels.is_some_and(|c| c >= serial) {
+            "a channel holds".to_owned()
+        } else {
+            format!("this workstation issued (recorded in {})", record.display())
+        }
+    };
+    match (requested, highest) {
+        (Some(0), _) => Err(crate::usage("serial must be at least 1")),
+        (Some(serial), Some(highest)) if serial <= highest => Err(crate::usage(format!(
+            "serial {serial} does not grow (serial_too_low): {} serial {highest}, and hosts \
+             refuse anything not above what they accepted",
+            source(highest)
+        ))),
+        (Some(serial), _) => Ok(serial),
+        (None, None) => Ok(1),
+        (None, Some(highest)) => {
+            let behind: Vec<String> = held
+                .iter()
+                .filter_map(|(channel, serial)| match serial {
+                    Some(s) if *s < highest => Some(format!("{channel} holds serial {s}")),
+                    _ => None,
+                })
+                .collect();
+            if behind.is_empty() {
+                return Ok(highest + 1);
+            }
+            Err(crate::usage(format!(
+                "a channel is behind (channel_behind): {}, but {} serial {highest}. It was rolled \
+                 back or missed a publish, and hosts may already have passed the serials it would \
+                 get next. Find out why; then publish with --serial {} to move every channel past \
+                 it",
+                behind.join(", "),
+                source(highest),
+                highest + 1
+            )))
+        }
+    }
 }
 
 fn with_secret_key(cache: &str, key: &std::path::Path) -> String {
@@ -341,20 +400,9 @@ pub fn run(args: Args) -> Result<()> {
         "reading the current release from {} channel(s)",
         settings.channels.len()
     );
-    let previous = current_release(&settings)?;
-    let serial = match (args.serial, &previous) {
-        (Some(serial), Some((_, accepted))) if serial <= accepted.serial => {
-            return Err(crate::usage(format!(
-                "serial {serial} does not grow: the channels already hold serial {} (hosts \
-                 refuse anything not above it)",
-                accepted.serial
-            )))
-        }
-        (Some(0), None) => return Err(crate::usage("serial must be at least 1")),
-        (Some(serial), _) => serial,
-        (None, Some((_, accepted))) => accepted.serial + 1,
-        (None, None) => 1,
-    };
+    let (previous, held) = current_release(&settings)?;
+    let record = Record::open(&settings.fleet, &settings.trust);
+    let serial = next_serial(args.serial, &held, record.highest(), record.path())?;
     if let Some((release, _)) = &previous {
         if started < release.issued_at {
             return Err(crate::usage(format!(
@@ -557,6 +605,10 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("could not publish to {channel}"))?;
         eprintln!("published release {serial} to {channel} ({place})");
         published_to.push(channel.to_string());
+        // Hosts may see it from now on: the workstation never issues it again.
+        if let Err(e) = record.raise(serial) {
+            eprintln!("warning: {e:#}");
+        }
     }
 
     let rows: Vec<(String, String, u64)> = built

@@ -27,6 +27,10 @@ pub struct Args {
     /// Also require an entry for this host.
     #[arg(long)]
     host: Option<String>,
+    /// Refuse a release below this serial (`serial_too_low`), as a host that accepted it would:
+    /// a channel replaying an old release shows from the workstation too.
+    #[arg(long)]
+    min_serial: Option<u64>,
     /// Config file (default: ./fleet.toml if present).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -92,6 +96,13 @@ pub fn run(args: Args) -> Result<()> {
         .and_then(|verified| match &args.host {
             Some(host) => verified.host(host).map(|_| verified.clone()),
             None => Ok(verified),
+        })
+        .and_then(|verified| match args.min_serial {
+            Some(min) if verified.serial() < min => Err(release::VerifyError::SerialTooLow {
+                serial: verified.serial(),
+                accepted: min,
+            }),
+            _ => Ok(verified),
         });
     match result {
         Ok(verified) => {

@@ -296,6 +296,27 @@ fn a_cosigned_release_reaches_hosts_only_when_the_second_key_holder_signs() {
     assert_eq!(outcome["code"], "below_threshold");
     host.assert_on(&v1);
 
+    // A key the hosts do not trust: refused, nothing published.
+    let stranger = op.dir.join("stranger.sec");
+    let mut keygen = command("fleet-sign");
+    keygen.args(["keygen", "stranger", "--out"]).arg(&stranger);
+    run(keygen).ok();
+    let signatures_before = std::fs::read(op.channel_dir.join("release.json.sig")).unwrap();
+    let mut sign = command("fleet-sign");
+    sign.args(["sign", "--channel", &url])
+        .arg("--key")
+        .arg(&stranger)
+        .args(trust);
+    let out = run(sign);
+    out.fails_with(
+        2,
+        "signature_untrusted: stranger not among the keys hosts trust",
+    );
+    assert_eq!(
+        std::fs::read(op.channel_dir.join("release.json.sig")).unwrap(),
+        signatures_before
+    );
+
     // The second key holder adds a signature to both channels.
     let mut sign = command("fleet-sign");
     sign.args(["sign", "--channel", &op.git_channel(), "--channel", &url])

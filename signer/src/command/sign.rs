@@ -69,6 +69,30 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
 
+    // A signature by a key the hosts do not trust counts for nothing: say so, publish nothing.
+    let untrusted: Vec<&str> = keys
+        .iter()
+        .filter(|k| {
+            !trust
+                .keys()
+                .iter()
+                .any(|t| t.as_bytes() == k.public().as_bytes())
+        })
+        .map(|k| k.name())
+        .collect();
+    if !untrusted.is_empty() {
+        return Err(crate::usage(format!(
+            "signature_untrusted: {} not among the keys hosts trust ({}): the signature would \
+             count for nothing; refusing to publish it (check --key and trusted_keys)",
+            untrusted.join(", "),
+            trust
+                .keys()
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     let existing = SignatureFile::parse(&current.signatures).unwrap_or_default();
     let mut signatures = SignatureFile {
         signatures: existing
@@ -98,20 +122,31 @@ pub fn run(args: Args) -> Result<()> {
         document.serial,
         names.join(", ")
     );
+    // Where the release will stand, as hosts will see it: checked before anything is published.
+    let context = VerifyContext {
+        fleet: document.fleet.clone(),
+        now: now(),
+        floor: None,
+    };
+    let verdict = release::verify(&signed.document, &signed.signatures, &trust, &context);
+    if let Err(e) = &verdict {
+        // Waiting for co-signers is the point of signing; an expired release is still
+        // published (and reported below), as it was asked for.
+        if !matches!(
+            e,
+            VerifyError::NotEnoughSignatures { .. } | VerifyError::Expired { .. }
+        ) {
+            return Err(anyhow::Error::new(e.clone())
+                .context("the signed release would not verify: nothing published"));
+        }
+    }
     for channel in &channels {
         let place = channel
             .publish(&signed, &message)
             .with_context(|| format!("could not publish to {channel}"))?;
         eprintln!("signed release {} in {channel} ({place})", document.serial);
     }
-
-    // Where the release stands now, as hosts will see it.
-    let context = VerifyContext {
-        fleet: document.fleet.clone(),
-        now: now(),
-        floor: None,
-    };
-    match release::verify(&signed.document, &signed.signatures, &trust, &context) {
+    match verdict {
         Ok(verified) => println!(
             "release {} is complete: signed by {} ({} of {} needed)",
             document.serial,

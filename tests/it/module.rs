@@ -595,34 +595,3 @@ fn the_fleet_vm_test_releases_systems_its_hosts_do_not_have() {
         assert!(script.contains(path.as_str().unwrap()), "{name}");
     }
 }
-
-/// Every Nix file of the project, the ones nothing here can evaluate (package.nix needs real
-/// nixpkgs) included, parses.
-#[test]
-fn every_nix_file_in_the_project_parses() {
-    fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            if path.is_dir() && !name.starts_with('.') && name != "target" {
-                walk(&path, found);
-            } else if name.ends_with(".nix") {
-                found.push(path);
-            }
-        }
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut files = Vec::new();
-    walk(&root, &mut files);
-    for expected in ["package.nix", "flake.nix", "vm-tests/fleet.nix"] {
-        assert!(files.contains(&root.join(expected)), "{expected} not found");
-    }
-    for file in files {
-        let mut c = std::process::Command::new("nix-instantiate");
-        c.envs(fleet_tests::nix::nix_env())
-            .arg("--parse")
-            .arg(&file);
-        let parsed = run(c);
-        assert_eq!(parsed.code, Some(0), "{}: {parsed}", file.display());
-    }
-}

@@ -31,6 +31,7 @@ fn every_nix_file_parses() {
         "nixos-module/tests/eval.nix",
         "vm-tests/default.nix",
         "vm-tests/switch-and-rollback.nix",
+        "vm-tests/fleet.nix",
     ] {
         assert!(
             files.contains(&root.join(expected)),

@@ -436,19 +436,27 @@ fn hostile_git_over_http_is_bounded_and_changes_nothing() {
     }
 }
 
-#[test]
-fn hostile_git_daemons_are_bounded_and_the_next_good_answer_is_taken() {
+/// A host on v2 following a git channel through a hostile proxy in front of the real daemon
+/// (answering normally until told otherwise), with `top` in its config.
+fn behind_a_hostile_git_daemon(top: &str) -> (Setup, HostileGitDaemon) {
     let s = setup(Channel::Git);
     let hostile = HostileGitDaemon::in_front_of(&s.fleet.git_daemon);
     let channel = format!("git+{}", hostile.url("fleet.git"));
-    // The peak memory of a `once` that fetched the release (in setup) without hostility, the
-    // figure every hostile row is held to, plus 32 MiB.
     s.host.write_config(
         &s.fleet
             .settings(&[s.fleet.release_public_key()], 1, &channel),
-        "channel_timeout = \"40s\"",
+        top,
         "",
     );
+    (s, hostile)
+}
+
+#[test]
+fn hostile_git_daemons_are_bounded_and_the_next_good_answer_is_taken() {
+    let (s, hostile) = behind_a_hostile_git_daemon("channel_timeout = \"40s\"");
+    let channel = format!("git+{}", hostile.url("fleet.git"));
+    // The peak memory of a `once` that fetched the release (in setup) without hostility, the
+    // figure every hostile row is held to, plus 32 MiB.
     let (quiet, baseline) = run_measuring_peak(s.host.agent(&["once", "--json"]));
     assert_eq!(quiet.code, Some(0), "{quiet}");
     // (answer, channel_timeout, reason code, must end within seconds, the message says)
@@ -574,15 +582,8 @@ fn a_git_daemon_that_stops_answering_is_given_up_after_the_stall_rule() {
 
 #[test]
 fn a_daemon_polling_a_hostile_git_daemon_stays_bounded_and_takes_the_next_good_release() {
-    let s = setup(Channel::Git);
-    let hostile = HostileGitDaemon::in_front_of(&s.fleet.git_daemon);
-    let channel = format!("git+{}", hostile.url("fleet.git"));
-    s.host.write_config(
-        &s.fleet
-            .settings(&[s.fleet.release_public_key()], 1, &channel),
-        "poll_interval = \"1s\"\nchannel_timeout = \"10s\"",
-        "",
-    );
+    let (s, hostile) =
+        behind_a_hostile_git_daemon("poll_interval = \"1s\"\nchannel_timeout = \"10s\"");
     let log = std::fs::File::create(s.host.root.join("agent.log")).unwrap();
     let daemon = fleet_tests::KillOnDrop(s.host.agent(&["run"]).stderr(log).spawn().unwrap());
     let peak = || {

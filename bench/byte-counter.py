@@ -2,8 +2,9 @@
 """A loopback TCP proxy that counts the bytes crossing it, for the idle-poll benchmark.
 
 usage: byte-counter.py LISTEN_PORT TARGET_PORT COUNT_FILE
-Every connection is forwarded to 127.0.0.1:TARGET_PORT; after each connection closes, the totals
-"connections bytes_up bytes_down" are written to COUNT_FILE.
+Every connection is forwarded to 127.0.0.1:TARGET_PORT; the totals "connections bytes_up
+bytes_down" are written to COUNT_FILE as they change (connections counted as they open, so a
+connection kept alive across polls is one connection and its bytes still count).
 """
 import socket
 import sys
@@ -24,6 +25,7 @@ def pump(src, dst, key):
             break
         with lock:
             totals[key] += len(data)
+            write_totals()
         try:
             dst.sendall(data)
         except OSError:
@@ -35,16 +37,20 @@ def pump(src, dst, key):
             pass
 
 
+def write_totals():
+    with open(count_file, "w") as f:
+        f.write(f'{totals["connections"]} {totals["up"]} {totals["down"]}\n')
+
+
 def handle(client):
+    with lock:
+        totals["connections"] += 1
+        write_totals()
     upstream = socket.create_connection(("127.0.0.1", target_port))
     a = threading.Thread(target=pump, args=(client, upstream, "up"))
     b = threading.Thread(target=pump, args=(upstream, client, "down"))
     a.start(); b.start(); a.join(); b.join()
     client.close(); upstream.close()
-    with lock:
-        totals["connections"] += 1
-        with open(count_file, "w") as f:
-            f.write(f'{totals["connections"]} {totals["up"]} {totals["down"]}\n')
 
 
 server = socket.socket()

@@ -46,14 +46,40 @@ enum Command {
     Status(command::status::Args),
 }
 
-/// A mistake in what the user asked for: exit code 2.
+/// A mistake in what the user asked for, or a refusal that needs a person: exit code 2, with
+/// a reason code where the refusal has one.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(String);
+#[error("{message}")]
+pub struct UsageError {
+    code: &'static str,
+    message: String,
+}
 
 /// Wraps a message as a [`UsageError`].
 pub fn usage(message: impl Into<String>) -> anyhow::Error {
-    UsageError(message.into()).into()
+    refusal("usage", message)
+}
+
+/// A refusal with its reason code (`channel_behind`, `serial_too_low`, …), also in the text.
+pub fn refusal(code: &'static str, message: impl Into<String>) -> anyhow::Error {
+    UsageError {
+        code,
+        message: message.into(),
+    }
+    .into()
+}
+
+/// The reason code of an error: a refusal's own, a verification's, else `failed`.
+fn error_code(error: &anyhow::Error) -> &'static str {
+    for e in error.chain() {
+        if let Some(e) = e.downcast_ref::<fleet_agent::release::VerifyError>() {
+            return e.code();
+        }
+        if let Some(e) = e.downcast_ref::<UsageError>() {
+            return e.code;
+        }
+    }
+    "failed"
 }
 
 fn exit_code(error: &anyhow::Error) -> u8 {
@@ -82,6 +108,12 @@ fn main() -> ExitCode {
     ) {
         sigpipe::reset();
     }
+    let json = match &cli.command {
+        Command::Release(args) => args.json(),
+        Command::Verify(args) => args.json(),
+        Command::Status(args) => args.json(),
+        _ => false,
+    };
     let result = match cli.command {
         Command::Keygen(args) => command::keygen::run(args),
         Command::Release(args) => command::release::run(args),
@@ -94,6 +126,18 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("fleet-sign: error: {error:#}");
+            if json {
+                // Every failure of a --json command is JSON on stdout too.
+                let out = serde_json::json!({
+                    "ok": false,
+                    "code": error_code(&error),
+                    "error": format!("{error:#}"),
+                });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&out).expect("serializes")
+                );
+            }
             ExitCode::from(exit_code(&error))
         }
     }

@@ -521,6 +521,11 @@ fn a_channel_rolled_back_is_named_and_no_serial_is_issued_twice() {
     refused.fails_with(2, "channel_behind");
     refused.fails_with(2, &format!("{dir} holds serial 1"));
     assert!(refused.stderr.contains("--serial 3"), "{refused}");
+    // With --json, the refusal is JSON with its reason code.
+    let refused = op.release(&["--json"]);
+    assert_eq!(refused.code, Some(2), "{refused}");
+    assert_eq!(json(&refused)["code"], "channel_behind", "{refused}");
+    assert_eq!(json(&refused)["ok"], false);
     assert_eq!(op.published_json()["serial"], 1, "nothing was published");
     // Without the workstation's record, the other channel still tells.
     std::fs::remove_dir_all(op.workstation_state()).unwrap();

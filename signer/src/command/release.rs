@@ -340,11 +340,14 @@ fn next_serial(
     };
     match (requested, highest) {
         (Some(0), _) => Err(crate::usage("serial must be at least 1")),
-        (Some(serial), Some(highest)) if serial <= highest => Err(crate::usage(format!(
-            "serial {serial} does not grow (serial_too_low): {} serial {highest}, and hosts \
+        (Some(serial), Some(highest)) if serial <= highest => Err(crate::refusal(
+            "serial_too_low",
+            format!(
+                "serial {serial} does not grow (serial_too_low): {} serial {highest}, and hosts \
              refuse anything not above what they accepted",
-            source(highest)
-        ))),
+                source(highest)
+            ),
+        )),
         (Some(serial), _) => Ok(serial),
         (None, None) => Ok(1),
         (None, Some(highest)) => {
@@ -358,7 +361,9 @@ fn next_serial(
             if behind.is_empty() {
                 return Ok(highest + 1);
             }
-            Err(crate::usage(format!(
+            Err(crate::refusal(
+                "channel_behind",
+                format!(
                 "a channel is behind (channel_behind): {}, but {} serial {highest}. It was rolled \
                  back or missed a publish, and hosts may already have passed the serials it would \
                  get next. Find out why; then publish with --serial {} to move every channel past \
@@ -366,7 +371,8 @@ fn next_serial(
                 behind.join(", "),
                 source(highest),
                 highest + 1
-            )))
+            ),
+            ))
         }
     }
 }
@@ -646,6 +652,13 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+impl Args {
+    /// Whether the output (errors included) is JSON.
+    pub fn json(&self) -> bool {
+        self.json
+    }
 }
 
 #[cfg(test)]

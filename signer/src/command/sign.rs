@@ -81,17 +81,20 @@ pub fn run(args: Args) -> Result<()> {
         .map(|k| k.name())
         .collect();
     if !untrusted.is_empty() {
-        return Err(crate::usage(format!(
-            "signature_untrusted: {} not among the keys hosts trust ({}): the signature would \
+        return Err(crate::refusal(
+            "signature_untrusted",
+            format!(
+                "signature_untrusted: {} not among the keys hosts trust ({}): the signature would \
              count for nothing; refusing to publish it (check --key and trusted_keys)",
-            untrusted.join(", "),
-            trust
-                .keys()
-                .iter()
-                .map(|k| k.name())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
+                untrusted.join(", "),
+                trust
+                    .keys()
+                    .iter()
+                    .map(|k| k.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
     }
     let existing = SignatureFile::parse(&current.signatures).unwrap_or_default();
     let mut signatures = SignatureFile {

@@ -188,3 +188,10 @@ pub fn table(view: &FleetView, stale: Duration, color: bool) -> String {
     }
     out
 }
+
+impl Args {
+    /// Whether the output (errors included) is JSON.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+}

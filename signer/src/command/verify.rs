@@ -113,13 +113,8 @@ pub fn run(args: Args) -> Result<()> {
             }
             Ok(())
         }
+        // With --json, main prints the error as JSON with its reason code.
         Err(error) => {
-            if args.json {
-                let out = serde_json::json!({
-                    "ok": false, "code": error.code(), "error": error.to_string(),
-                });
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            }
             Err(anyhow::Error::new(error).context(format!("release in {channel} is refused")))
         }
     }
@@ -153,5 +148,12 @@ fn print_text(channel: &Channel, verified: &VerifiedRelease) {
     for (name, entry) in &r.hosts {
         let wave = entry.wave.map(|w| format!(" wave {w}")).unwrap_or_default();
         println!("    {name:<20} {}{wave}", entry.toplevel);
+    }
+}
+
+impl Args {
+    /// Whether the output (errors included) is JSON.
+    pub fn json(&self) -> bool {
+        self.json
     }
 }

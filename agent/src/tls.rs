@@ -77,16 +77,23 @@ fn make(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
 /// Whether an HTTP client error is the server's certificate being refused (unknown issuer,
 /// wrong name, expired): the `tls_untrusted` reason rather than an unreachable channel.
 pub fn is_certificate_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    // rustls' error reaches the client wrapped in io::Errors, whose `source()` skips what they
+    // wrap: look inside each of them too.
+    fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+        if let Some(rustls) = e.downcast_ref::<rustls::Error>() {
+            return Some(rustls);
+        }
+        let io = e.downcast_ref::<std::io::Error>()?;
+        let inner: &(dyn std::error::Error + 'static) = io.get_ref()?;
+        rustls_error(inner).or_else(|| inner.source().and_then(rustls_error))
+    }
     let mut source = Some(error);
     while let Some(e) = source {
-        if let Some(rustls) = e.downcast_ref::<rustls::Error>() {
+        if let Some(rustls) = rustls_error(e) {
             return matches!(
                 rustls,
                 rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
             );
-        }
-        if e.to_string().contains("invalid peer certificate") {
-            return true;
         }
         source = e.source();
     }

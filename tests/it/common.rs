@@ -2,7 +2,7 @@
 //! simulated hosts following it.
 
 use fleet_agent::release::{self, Release, SecretKey, SignatureFile};
-use fleet_tests::fixture::FixtureFleet;
+use fleet_tests::fixture::{FixtureFleet, Host};
 use fleet_tests::git::{bare_repo, GitDaemon};
 use fleet_tests::host::{HostSettings, SimHost};
 use fleet_tests::http::HttpServer;
@@ -86,6 +86,16 @@ impl Fleet {
     pub fn release(&self, extra: &[&str]) -> Run {
         let channels = [self.git_channel(), self.channel_dir.display().to_string()];
         self.release_with(&[&self.release_key], &channels, extra)
+    }
+
+    /// Changes `host` in the flake, commits and releases (every channel, the next serial);
+    /// returns the host's new toplevel.
+    pub fn release_change(&mut self, host: &str, change: impl FnOnce(&mut Host)) -> String {
+        self.fleet.set(host, change);
+        let version = self.fleet.hosts[host].version.clone();
+        self.fleet.commit(&format!("{host}: {version}"));
+        self.release(&[]).ok();
+        self.fleet.build(host)
     }
 
     /// `fleet-sign release` signed by `keys`, publishing to `channels`.

@@ -54,13 +54,10 @@ fn an_update_that_does_not_fit_is_refused_before_any_download_then_fits_after_ga
     config(&fleet, "");
 
     // A 48 MiB system cannot fit: refused with the numbers, at every poll, never given up.
-    fleet.fleet.set("a", |h| {
+    let v2 = fleet.release_change("a", |h| {
         h.version = "2".into();
         h.payload_mib = 48;
     });
-    fleet.fleet.commit("a: v2, 48 MiB");
-    fleet.release(&[]).ok();
-    let v2 = fleet.fleet.build("a");
     for _ in 0..4 {
         let (code, outcome) = host.once_outcome();
         assert_eq!(code, Some(1), "{outcome}");
@@ -87,13 +84,10 @@ fn an_update_that_does_not_fit_is_refused_before_any_download_then_fits_after_ga
         .arg(host.store.as_ref().unwrap())
         .arg(&garbage);
     run(copy).ok();
-    fleet.fleet.set("a", |h| {
+    let v3 = fleet.release_change("a", |h| {
         h.version = "3".into();
         h.payload_mib = 16;
     });
-    fleet.fleet.commit("a: v3, 16 MiB");
-    fleet.release(&[]).ok();
-    let v3 = fleet.fleet.build("a");
     let (code, outcome) = host.once_outcome();
     assert_eq!(code, Some(1), "{outcome}");
     assert_eq!(outcome["code"], "disk_space", "{outcome}");

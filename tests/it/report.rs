@@ -56,12 +56,24 @@ fn report_to_with(
     url: &str,
     extra: &str,
 ) -> PathBuf {
+    report_to_with_top(fleet, host, channel, "", url, extra)
+}
+
+/// [`report_to_with`], with `top` added to the config's top level.
+fn report_to_with_top(
+    fleet: &Fleet,
+    host: &SimHost,
+    channel: Channel,
+    top: &str,
+    url: &str,
+    extra: &str,
+) -> PathBuf {
     let keys = [fleet.release_public_key()];
     let channel = fleet.channel_url(channel);
     let metrics = host.state_dir.parent().unwrap().join("metrics");
     host.write_config(
         &fleet.settings(&keys, 1, &channel),
-        "",
+        top,
         &format!(
             "metrics_dir = \"{}\"\n[report]\nurl = \"{url}\"\ntimeout = \"2s\"\n{extra}",
             metrics.display()
@@ -848,19 +860,13 @@ fn an_idle_daemon_writes_nothing_to_persistent_storage_while_it_polls_and_report
         &fleet.channel_dir.display().to_string(),
         &fleet.release_public_key(),
     );
-    let metrics = report_to(&fleet, host, &collector.url, "heartbeat = \"2s\"\n");
-    host.write_config(
-        &fleet.settings(
-            &[fleet.release_public_key()],
-            1,
-            &fleet.channel_url(Channel::Directory),
-        ),
+    let metrics = report_to_with_top(
+        &fleet,
+        host,
+        Channel::Directory,
         "poll_interval = \"1s\"",
-        &format!(
-            "metrics_dir = \"{}\"\n[report]\nurl = \"{}\"\ntimeout = \"2s\"\nheartbeat = \"2s\"\n",
-            metrics.parent().unwrap().display(),
-            collector.url
-        ),
+        &collector.url,
+        "heartbeat = \"2s\"\n",
     );
     let _agent = fleet_tests::KillOnDrop(host.agent(&["run"]).spawn().unwrap());
     wait_until("the release is committed and reported", 60, || {

@@ -41,10 +41,7 @@ fn an_https_channel_behind_a_private_ca_works_with_ca_file_and_bad_certificates_
     let mut fleet = Fleet::new(&["a"]);
     let host = fleet.host("a", Channel::Directory);
     let v1 = fleet.fleet.build("a");
-    fleet.fleet.set("a", |h| h.version = "2".into());
-    fleet.fleet.commit("a: v2");
-    fleet.release(&[]).ok();
-    let v2 = fleet.fleet.build("a");
+    let v2 = fleet.release_change("a", |h| h.version = "2".into());
     let ca = Ca::new("fleet test CA");
     let ca_file = fleet.dir.join("ca.pem");
     std::fs::write(&ca_file, ca.cert.pem()).unwrap();

@@ -120,7 +120,7 @@ pub fn register() -> Result<(), git2::Error> {
         #[allow(unsafe_code)]
         let registered = unsafe {
             git2::transport::register("ssh", |remote| {
-                Transport::smart(remote, false, SshTransport::default())
+                Transport::smart(remote, false, Stateful::<SshConnection>::default())
             })
         };
         outcome = outcome.and(registered);
@@ -128,7 +128,7 @@ pub fn register() -> Result<(), git2::Error> {
         #[allow(unsafe_code)]
         let registered = unsafe {
             git2::transport::register("git", |remote| {
-                Transport::smart(remote, false, DaemonTransport::default())
+                Transport::smart(remote, false, Stateful::<DaemonConnection>::default())
             })
         };
         outcome = outcome.and(registered);
@@ -469,14 +469,67 @@ impl Incoming {
     }
 }
 
-// ---- git:// ----
-
-/// One TCP connection to a git daemon serves both steps of a fetch.
-#[derive(Default)]
-struct DaemonTransport {
-    connection: Mutex<Option<Arc<DaemonConnection>>>,
+/// A connection of a stateful protocol (SSH, `git://`): opened for the ref advertisement, then
+/// serving the negotiation and the pack too.
+trait Connection: Send + Sync + Sized + 'static {
+    fn connect(url: &str) -> Result<Arc<Self>, git2::Error>;
+    fn stream(self: Arc<Self>) -> Box<dyn SmartSubtransportStream>;
+    /// Ends the connection (and with it the thread reading it).
+    fn close(&self);
 }
 
+/// The transport of a stateful protocol: one connection per fetch, for both of its steps.
+struct Stateful<C> {
+    connection: Mutex<Option<Arc<C>>>,
+}
+
+impl<C> Default for Stateful<C> {
+    fn default() -> Self {
+        Self {
+            connection: Mutex::new(None),
+        }
+    }
+}
+
+impl<C: Connection> SmartSubtransport for Stateful<C> {
+    fn action(
+        &self,
+        url: &str,
+        action: Service,
+    ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
+        if !matches!(action, Service::UploadPackLs | Service::UploadPack) {
+            return Err(git2::Error::from_str(
+                "fleet-agent only fetches: pushing is not supported",
+            ));
+        }
+        let mut slot = self.connection.lock().unwrap_or_else(|e| e.into_inner());
+        let connection = match (action, slot.as_ref()) {
+            (Service::UploadPack, Some(connection)) => connection.clone(),
+            _ => {
+                let connection = C::connect(url)?;
+                *slot = Some(connection.clone());
+                connection
+            }
+        };
+        Ok(connection.stream())
+    }
+
+    fn close(&self) -> Result<(), git2::Error> {
+        if let Some(connection) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            connection.close();
+        }
+        Ok(())
+    }
+}
+
+// ---- git:// ----
+
+/// One TCP connection to a git daemon.
 struct DaemonConnection {
     socket: std::net::TcpStream,
     incoming: Incoming,
@@ -494,8 +547,8 @@ fn parse_daemon_url(url: &str) -> Option<(String, String)> {
     Some((authority.to_owned(), format!("/{path}")))
 }
 
-impl DaemonTransport {
-    fn connect(&self, url: &str) -> Result<Arc<DaemonConnection>, git2::Error> {
+impl Connection for DaemonConnection {
+    fn connect(url: &str) -> Result<Arc<Self>, git2::Error> {
         use std::net::ToSocketAddrs as _;
         let (authority, path) = parse_daemon_url(url)
             .ok_or_else(|| git2::Error::from_str(&format!("'{url}' is not a git:// URL")))?;
@@ -540,42 +593,13 @@ impl DaemonTransport {
             incoming: Incoming::spawn(reader, url),
         }))
     }
-}
 
-impl SmartSubtransport for DaemonTransport {
-    fn action(
-        &self,
-        url: &str,
-        action: Service,
-    ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
-        if !matches!(action, Service::UploadPackLs | Service::UploadPack) {
-            return Err(git2::Error::from_str(
-                "fleet-agent only fetches: pushing is not supported",
-            ));
-        }
-        let mut slot = self.connection.lock().unwrap_or_else(|e| e.into_inner());
-        let connection = match (action, slot.as_ref()) {
-            (Service::UploadPack, Some(connection)) => connection.clone(),
-            _ => {
-                let connection = self.connect(url)?;
-                *slot = Some(connection.clone());
-                connection
-            }
-        };
-        Ok(Box::new(DaemonStream { connection }))
+    fn stream(self: Arc<Self>) -> Box<dyn SmartSubtransportStream> {
+        Box::new(DaemonStream { connection: self })
     }
 
-    fn close(&self) -> Result<(), git2::Error> {
-        if let Some(connection) = self
-            .connection
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            // Ends the reading thread too.
-            let _ = connection.socket.shutdown(std::net::Shutdown::Both);
-        }
-        Ok(())
+    fn close(&self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -611,12 +635,7 @@ impl Drop for DaemonConnection {
 
 // ---- SSH ----
 
-/// One `ssh` child serves both steps of a fetch (the protocol is stateful).
-#[derive(Default)]
-struct SshTransport {
-    connection: Mutex<Option<Arc<SshConnection>>>,
-}
-
+/// One `ssh` child running `git-upload-pack` on the server.
 struct SshConnection {
     child: Mutex<Child>,
     stdin: Mutex<ChildStdin>,
@@ -658,8 +677,8 @@ fn shell_quote(path: &str) -> String {
     format!("'{}'", path.replace('\'', r"'\''"))
 }
 
-impl SshTransport {
-    fn connect(&self, url: &str) -> Result<Arc<SshConnection>, git2::Error> {
+impl Connection for SshConnection {
+    fn connect(url: &str) -> Result<Arc<Self>, git2::Error> {
         let (destination, port, path) = parse_ssh_url(url)
             .ok_or_else(|| git2::Error::from_str(&format!("'{url}' is not an ssh URL")))?;
         if destination.starts_with('-') {
@@ -719,50 +738,15 @@ impl SshTransport {
             stderr,
         }))
     }
-}
 
-impl SmartSubtransport for SshTransport {
-    fn action(
-        &self,
-        url: &str,
-        action: Service,
-    ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
-        let mut slot = self.connection.lock().unwrap_or_else(|e| e.into_inner());
-        let connection = match action {
-            Service::UploadPackLs => {
-                let connection = self.connect(url)?;
-                *slot = Some(connection.clone());
-                connection
-            }
-            Service::UploadPack => match slot.as_ref() {
-                Some(connection) => connection.clone(),
-                None => {
-                    let connection = self.connect(url)?;
-                    *slot = Some(connection.clone());
-                    connection
-                }
-            },
-            _ => {
-                return Err(git2::Error::from_str(
-                    "fleet-agent only fetches: pushing is not supported",
-                ))
-            }
-        };
-        Ok(Box::new(SshStream { connection }))
+    fn stream(self: Arc<Self>) -> Box<dyn SmartSubtransportStream> {
+        Box::new(SshStream { connection: self })
     }
 
-    fn close(&self) -> Result<(), git2::Error> {
-        if let Some(connection) = self
-            .connection
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            let mut child = connection.child.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        Ok(())
+    fn close(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

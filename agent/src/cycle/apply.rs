@@ -85,7 +85,7 @@ impl Agent {
     /// with `collect_garbage`, collects what nothing roots first. When the sizes or the free
     /// space cannot be read, the realise goes ahead (Nix then fails on a full disk as before).
     async fn check_disk_space(
-        &mut self,
+        &self,
         verified: &VerifiedRelease,
         toplevel: &str,
     ) -> Result<(), NixError> {

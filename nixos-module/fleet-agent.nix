@@ -16,6 +16,8 @@ let
     fleet-agent check-config ${configFile}
     cp ${configFile} $out
   '';
+  # The key bytes of a `name:base64` public key: the same key under two names is one key.
+  keyBytes = key: lib.last (lib.splitString ":" key);
   secretOption = description: lib.mkOption {
     type = lib.types.nullOr lib.types.str;
     default = null;
@@ -61,6 +63,16 @@ in
             default = 1;
             description = "How many distinct trusted keys must have signed a release.";
           };
+          freshness_keys = lib.mkOption {
+            type = lib.types.listOf lib.types.str;
+            default = [ ];
+            example = [ "fresh-ci:5SO5A/3oRhOc7Gu5S3hwoRPaJLNITTyEeM8zxnnkNbk=" ];
+            description = ''
+              Freshness public keys. When set, a release also needs a freshness statement for
+              exactly that release signed by one of them (`fleet-sign refresh`), and the
+              statement's expiry replaces the release's own. Keys of their own, never release keys.
+            '';
+          };
           channel = lib.mkOption {
             type = lib.types.str;
             example = "git+https://git.example.org/fleet.git#fleet-release";
@@ -92,6 +104,10 @@ in
       {
         assertion = cfg.settings.trusted_keys != [ ];
         message = "services.fleet-agent.settings.trusted_keys is empty: list the release public keys (fleet-sign keygen prints them).";
+      }
+      {
+        assertion = lib.all (key: !(lib.elem (keyBytes key) (map keyBytes cfg.settings.trusted_keys))) cfg.settings.freshness_keys;
+        message = "services.fleet-agent.settings.freshness_keys holds a release key (from trusted_keys): the freshness role needs a key of its own.";
       }
       {
         assertion = cfg.settings.threshold <= lib.length cfg.settings.trusted_keys;

@@ -7,6 +7,40 @@
 let
   cfg = config.services.fleet-collector;
   port = lib.toInt (lib.last (lib.splitString ":" cfg.listen));
+  fresh = cfg.freshness;
+  # Directory channels the refresh job writes to (git remotes need no local path).
+  directories = lib.filter (c: lib.hasPrefix "/" c) fresh.channels
+    ++ map (lib.removePrefix "file://") (lib.filter (lib.hasPrefix "file://") fresh.channels);
+  # Credentials for a private channel, from LoadCredential: git asks a credential helper that
+  # reads the token, and ssh uses the deploy key and known_hosts.
+  gitEnvironment = lib.optionalAttrs (cfg.tokenFile != null) {
+    GIT_CONFIG_COUNT = "1";
+    GIT_CONFIG_KEY_0 = "credential.helper";
+    GIT_CONFIG_VALUE_0 = ''!f() { user=; while read -r line; do case "$line" in username=*) user=1;; esac; done; [ -n "$user" ] || echo username=fleet; echo "password=$(cat "$CREDENTIALS_DIRECTORY/channel-token")"; }; f'';
+  } // lib.optionalAttrs (cfg.sshKeyFile != null) {
+    GIT_SSH_COMMAND = "ssh -i %d/ssh-key -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile=%d/known-hosts -o StrictHostKeyChecking=yes";
+  };
+  channelCredentials =
+    lib.optional (cfg.tokenFile != null) "channel-token:${cfg.tokenFile}"
+    ++ lib.optional (cfg.sshKeyFile != null) "ssh-key:${cfg.sshKeyFile}"
+    ++ lib.optional (cfg.sshKnownHostsFile != null) "known-hosts:${cfg.sshKnownHostsFile}";
+  # The sandbox both units share: they read (and the refresh job publishes to) a channel.
+  sandbox = {
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    NoNewPrivileges = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectControlGroups = true;
+    RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+    RestrictNamespaces = true;
+    LockPersonality = true;
+    SystemCallArchitectures = "native";
+  };
+  trustFlags = [ "--threshold" (toString cfg.threshold) ]
+    ++ lib.concatMap (key: [ "--key" key ]) cfg.trustedKeys;
 in
 {
   options.services.fleet-collector = {
@@ -91,6 +125,45 @@ in
       default = null;
       description = "A known_hosts file with the git server's host key (git+ssh channels); unknown host keys are refused.";
     };
+
+    freshness = {
+      keys = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        example = [ "fresh-ci:5SO5A/3oRhOc7Gu5S3hwoRPaJLNITTyEeM8zxnnkNbk=" ];
+        description = ''
+          The freshness public keys the hosts trust (their `freshness_keys`). The fleet view and
+          `/metrics` (`fleet_release_valid_until_timestamp_seconds`) then show when the
+          release's freshness statement expires, and `fleet-sign status` warns ahead of it.
+        '';
+      };
+      keyFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "/run/secrets/fleet-freshness-key";
+        description = ''
+          The secret freshness key (`fleet-sign keygen`). When set, a timer runs
+          `fleet-sign refresh` on `channels`, so the fleet stays fresh without the release keys.
+          Handed to the job through LoadCredential; a path outside the Nix store.
+        '';
+      };
+      channels = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ cfg.channel ];
+        defaultText = lib.literalExpression "[ config.services.fleet-collector.channel ]";
+        description = "The channels to refresh: directories or git remotes that fleet-sign can publish to (not http URLs).";
+      };
+      interval = lib.mkOption {
+        type = lib.types.str;
+        default = "hourly";
+        description = "When the refresh job runs (systemd OnCalendar). A statement with more than half its lifetime left is left alone, so running often costs nothing.";
+      };
+      expires = lib.mkOption {
+        type = lib.types.str;
+        default = "7d";
+        description = "How long each new statement stays valid (at most 31d).";
+      };
+    };
   };
 
   config = lib.mkIf cfg.enable {
@@ -107,6 +180,14 @@ in
         assertion = cfg.sshKeyFile == null || cfg.sshKnownHostsFile != null;
         message = "services.fleet-collector.sshKeyFile needs sshKnownHostsFile: the collector has no home and never accepts an unknown host key.";
       }
+      {
+        assertion = fresh.keyFile == null || !lib.isStorePath fresh.keyFile;
+        message = "services.fleet-collector.freshness.keyFile must be a path outside the Nix store: the store is readable by every user.";
+      }
+      {
+        assertion = fresh.keyFile == null || lib.all (c: !(lib.hasPrefix "http://" c || lib.hasPrefix "https://" c)) fresh.channels;
+        message = "services.fleet-collector.freshness.channels must be directories or git remotes: fleet-sign cannot publish to an http URL (refresh the directory it serves).";
+      }
     ];
 
     networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ port ];
@@ -118,15 +199,7 @@ in
       after = [ "network-online.target" ];
       # git and ssh read git channels.
       path = [ pkgs.git config.programs.ssh.package ];
-      # Credentials for a private channel, from LoadCredential below: git asks a credential
-      # helper that reads the token, and ssh uses the deploy key and known_hosts.
-      environment = lib.optionalAttrs (cfg.tokenFile != null) {
-        GIT_CONFIG_COUNT = "1";
-        GIT_CONFIG_KEY_0 = "credential.helper";
-        GIT_CONFIG_VALUE_0 = ''!f() { user=; while read -r line; do case "$line" in username=*) user=1;; esac; done; [ -n "$user" ] || echo username=fleet; echo "password=$(cat "$CREDENTIALS_DIRECTORY/channel-token")"; }; f'';
-      } // lib.optionalAttrs (cfg.sshKeyFile != null) {
-        GIT_SSH_COMMAND = "ssh -i %d/ssh-key -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile=%d/known-hosts -o StrictHostKeyChecking=yes";
-      };
+      environment = gitEnvironment;
       serviceConfig = {
         ExecStart = lib.escapeShellArgs ([
           (lib.getExe' cfg.package "fleet-sign")
@@ -135,33 +208,18 @@ in
           "--from" cfg.channel
           "--listen" cfg.listen
           "--database" "/var/lib/fleet-collector/fleet.db"
-          "--threshold" (toString cfg.threshold)
           "--refresh" cfg.refresh
           "--history" (toString cfg.history)
-        ] ++ lib.concatMap (key: [ "--key" key ]) cfg.trustedKeys);
+        ] ++ trustFlags ++ lib.concatMap (key: [ "--freshness-key" key ]) fresh.keys);
         Restart = "always";
         RestartSec = "5s";
-        LoadCredential =
-          lib.optional (cfg.tokenFile != null) "channel-token:${cfg.tokenFile}"
-          ++ lib.optional (cfg.sshKeyFile != null) "ssh-key:${cfg.sshKeyFile}"
-          ++ lib.optional (cfg.sshKnownHostsFile != null) "known-hosts:${cfg.sshKnownHostsFile}";
+        LoadCredential = channelCredentials;
         DynamicUser = true;
         StateDirectory = "fleet-collector";
         StateDirectoryMode = "0700";
+      } // sandbox // {
         # It reads a channel, writes its database and answers HTTP: nothing else.
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        PrivateTmp = true;
-        PrivateDevices = true;
-        NoNewPrivileges = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectControlGroups = true;
-        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
-        RestrictNamespaces = true;
-        LockPersonality = true;
         MemoryDenyWriteExecute = true;
-        SystemCallArchitectures = "native";
         # A machine test reads a git:// channel under it (git included); git+ssh is not yet tested.
         SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
         SystemCallErrorNumber = "EPERM";
@@ -177,6 +235,42 @@ in
         ProcSubset = "pid";
         DevicePolicy = "closed";
         RemoveIPC = true;
+      };
+    };
+
+    # `fleet-sign refresh` on a timer: renews the freshness statement of the release in each
+    # channel with the freshness key alone (the release keys stay offline).
+    systemd.services.fleet-refresh = lib.mkIf (fresh.keyFile != null) {
+      description = "fleet-refresh: keep the fleet's release fresh";
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      path = [ pkgs.git config.programs.ssh.package ];
+      environment = gitEnvironment;
+      serviceConfig = {
+        Type = "oneshot";
+        ExecStart = lib.escapeShellArgs ([
+          (lib.getExe' cfg.package "fleet-sign")
+          "refresh"
+          "--fleet" cfg.fleet
+          "--freshness-key" "%d/freshness-key"
+          "--expires" fresh.expires
+          "--threshold" (toString cfg.threshold)
+        ] ++ lib.concatMap (key: [ "--trusted-key" key ]) cfg.trustedKeys
+          ++ lib.concatMap (channel: [ "--channel" channel ]) fresh.channels);
+        LoadCredential = [ "freshness-key:${fresh.keyFile}" ] ++ channelCredentials;
+        # A directory channel belongs to whoever serves it: the job writes there as root,
+        # confined to those directories; git remotes need no local writes.
+        DynamicUser = directories == [ ];
+        ReadWritePaths = directories;
+        UMask = "0022";
+      } // sandbox;
+    };
+    systemd.timers.fleet-refresh = lib.mkIf (fresh.keyFile != null) {
+      wantedBy = [ "timers.target" ];
+      timerConfig = {
+        OnCalendar = fresh.interval;
+        Persistent = true;
+        RandomizedDelaySec = "5m";
       };
     };
   };

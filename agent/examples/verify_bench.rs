@@ -56,6 +56,7 @@ fn main() {
         fleet: "bench".into(),
         now: 1_850_000_000,
         floor: None,
+        own_expiry: true,
     };
     let mut times = Vec::new();
     for _ in 0..rounds {

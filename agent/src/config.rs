@@ -37,6 +37,11 @@ pub struct RawConfig {
     /// How many distinct trusted keys must have signed a release; default 1.
     #[serde(default = "one")]
     pub threshold: usize,
+    /// Freshness keys (`name:base64`): when set, a release also needs a freshness statement
+    /// for exactly that release signed by one of them, and the statement's expiry replaces the
+    /// release's own. Never the same keys as `trusted_keys`.
+    #[serde(default)]
+    pub freshness_keys: Vec<String>,
     /// Where releases come from: a directory, an http(s) base URL, or git+<url>[#<ref>].
     pub channel: String,
     /// A file whose content is a bearer token (http) or an HTTPS password/token (git).
@@ -625,6 +630,8 @@ pub struct Config {
     pub fleet: String,
     pub host: String,
     pub trust: TrustPolicy,
+    /// The freshness keys, threshold 1, when configured.
+    pub freshness: Option<TrustPolicy>,
     pub channel: ChannelSpec,
     pub token_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
@@ -710,6 +717,7 @@ impl Config {
                 .map_err(|e| problems.push(e))
                 .ok()
         };
+        let freshness = freshness_policy(&raw, trust.as_ref(), &mut problems);
         let channel = ChannelSpec::parse(&raw.channel)
             .map_err(|e| problems.push(e))
             .ok();
@@ -833,6 +841,7 @@ impl Config {
             fleet: raw.fleet,
             host,
             trust,
+            freshness,
             channel,
             token_file: raw.token_file,
             ca_file: raw.ca_file,
@@ -875,6 +884,41 @@ impl Config {
     pub fn physical(&self, logical: &str) -> PathBuf {
         self.store_root.join(logical.trim_start_matches('/'))
     }
+}
+
+/// The freshness keys as a policy of threshold 1; a release key among them is a problem: it
+/// would give the freshness role, meant for a less guarded machine, the power to release.
+fn freshness_policy(
+    raw: &RawConfig,
+    trust: Option<&TrustPolicy>,
+    problems: &mut Vec<String>,
+) -> Option<TrustPolicy> {
+    let mut keys = Vec::new();
+    for key in &raw.freshness_keys {
+        match PublicKey::parse(key) {
+            Ok(k) => keys.push(k),
+            Err(e) => problems.push(format!("freshness_keys: {e}")),
+        }
+    }
+    if keys.is_empty() {
+        return None;
+    }
+    for key in &keys {
+        let release_key = trust
+            .into_iter()
+            .flat_map(|t| t.keys())
+            .any(|k| k.as_bytes() == key.as_bytes());
+        if release_key {
+            problems.push(format!(
+                "freshness key '{}' is also a release key (trusted_keys): the freshness role \
+                 needs a key of its own",
+                key.name()
+            ));
+        }
+    }
+    TrustPolicy::new(keys, 1)
+        .map_err(|e| problems.push(format!("freshness_keys: {e}")))
+        .ok()
 }
 
 /// The kernel's hostname, or "" when unreadable (then the config must name the host).

@@ -118,6 +118,13 @@ let
       };
       systemd.package = mkOption { type = types.package; default = package "systemd"; };
       systemd.services = mkOption { type = types.attrsOf service; default = { }; };
+      systemd.timers = mkOption {
+        type = types.attrsOf (types.submodule {
+          options.wantedBy = mkOption { type = types.listOf types.str; default = [ ]; };
+          options.timerConfig = mkOption { type = types.attrsOf unitOption; default = { }; };
+        });
+        default = { };
+      };
       environment.systemPackages = mkOption { type = types.listOf types.package; default = [ ]; };
       environment.etc = mkOption {
         type = types.attrsOf (types.submodule ({ name, config, ... }: {
@@ -160,6 +167,8 @@ in
   failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) cfg.assertions);
   agent = cfg.systemd.services.fleet-agent or null;
   collector = cfg.systemd.services.fleet-collector or null;
+  refresh = cfg.systemd.services.fleet-refresh or null;
+  refreshTimer = cfg.systemd.timers.fleet-refresh or null;
   # The settings as the module renders them (it drops unset optional values: TOML has no null).
   settings =
     if cfg.services.fleet-agent.enable

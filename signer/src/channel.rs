@@ -13,7 +13,8 @@ use crate::git;
 use anyhow::{bail, Context as _, Result};
 use fleet_agent::config::ChannelSpec;
 use fleet_agent::release::{
-    DOCUMENT_FILE, MAX_DOCUMENT_BYTES, MAX_SIGNATURE_FILE_BYTES, SIGNATURE_FILE,
+    DOCUMENT_FILE, FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE, MAX_DOCUMENT_BYTES,
+    MAX_FRESHNESS_BYTES, MAX_SIGNATURE_FILE_BYTES, SIGNATURE_FILE,
 };
 use std::fmt;
 use std::io::{Read as _, Write as _};
@@ -32,6 +33,42 @@ const HTTP_TOTAL_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Published {
     pub document: Vec<u8>,
     pub signatures: Vec<u8>,
+    /// The freshness statement and its signatures, when the channel holds one.
+    pub freshness: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Published {
+    /// The freshness statement in the form `verify_freshness` takes.
+    pub fn freshness(&self) -> Option<(&[u8], &[u8])> {
+        self.freshness
+            .as_ref()
+            .map(|(s, g)| (s.as_slice(), g.as_slice()))
+    }
+}
+
+/// The four files of a channel, with their limits: the release's two, then the statement's.
+const FILES: [(&str, usize); 4] = [
+    (DOCUMENT_FILE, MAX_DOCUMENT_BYTES),
+    (SIGNATURE_FILE, MAX_SIGNATURE_FILE_BYTES),
+    (FRESHNESS_FILE, MAX_FRESHNESS_BYTES),
+    (FRESHNESS_SIGNATURE_FILE, MAX_SIGNATURE_FILE_BYTES),
+];
+
+/// Which of [`FILES`] to read: the release's two, or all four.
+#[derive(Clone, Copy)]
+enum Files {
+    Release = 2,
+    WithFreshness = 4,
+}
+
+/// A channel's files as read (`None`: missing), in the order of [`FILES`], as a release.
+fn assemble(files: [Option<Vec<u8>>; 4]) -> Option<Published> {
+    let [document, signatures, statement, statement_signatures] = files;
+    Some(Published {
+        document: document?,
+        signatures: signatures.unwrap_or_default(),
+        freshness: statement.map(|s| (s, statement_signatures.unwrap_or_default())),
+    })
 }
 
 impl fmt::Display for Channel {
@@ -59,36 +96,31 @@ impl Channel {
 
     /// The release the channel holds now, or `None` when it holds none yet.
     pub fn read(&self) -> Result<Option<Published>> {
+        self.read_files(Files::Release)
+    }
+
+    /// The release and its freshness statement, if the channel holds one.
+    pub fn read_with_freshness(&self) -> Result<Option<Published>> {
+        self.read_files(Files::WithFreshness)
+    }
+
+    fn read_files(&self, files: Files) -> Result<Option<Published>> {
+        let files = &FILES[..files as usize];
         match &self.0 {
-            ChannelSpec::Directory(dir) => read_directory(dir),
-            ChannelSpec::Http(base) => read_http(base),
+            ChannelSpec::Directory(dir) => read_directory(dir, files),
+            ChannelSpec::Http(base) => read_http(base, files),
             ChannelSpec::Git { url, refname } => {
                 let scratch = git::Scratch::new()?;
                 let Some(tip) = scratch.fetch_tip(url, refname)? else {
                     return Ok(None);
                 };
-                let document = scratch.read_file(&tip, DOCUMENT_FILE, MAX_DOCUMENT_BYTES)?;
-                let signatures =
-                    scratch.read_file(&tip, SIGNATURE_FILE, MAX_SIGNATURE_FILE_BYTES)?;
-                match (document, signatures) {
-                    (Some(document), Some(signatures)) => Ok(Some(Published {
-                        document,
-                        signatures,
-                    })),
-                    (Some(document), None) => Ok(Some(Published {
-                        document,
-                        signatures: Vec::new(),
-                    })),
-                    _ => bail!(
-                        "ref '{refname}' of '{url}' (commit {tip}) has no {DOCUMENT_FILE}: is \
-                         this the release ref?"
-                    ),
-                }
+                Ok(Some(read_commit(&scratch, &tip, url, refname, files)?))
             }
         }
     }
 
-    /// Publishes a signed release; returns where it went (a path or a commit).
+    /// Publishes a signed release, with its freshness statement when it has one (a statement
+    /// left from an earlier release is removed); returns where it went (a path or a commit).
     pub fn publish(&self, release: &Published, message: &str) -> Result<String> {
         match &self.0 {
             ChannelSpec::Directory(dir) => {
@@ -96,6 +128,14 @@ impl Channel {
                     .with_context(|| format!("could not create directory {}", dir.display()))?;
                 write_atomic(&dir.join(DOCUMENT_FILE), &release.document)?;
                 write_atomic(&dir.join(SIGNATURE_FILE), &release.signatures)?;
+                match &release.freshness {
+                    Some(_) => write_freshness(dir, release)?,
+                    None => {
+                        for name in [FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE] {
+                            remove_if_present(&dir.join(name))?;
+                        }
+                    }
+                }
                 Ok(dir.display().to_string())
             }
             ChannelSpec::Http(url) => bail!(
@@ -105,16 +145,107 @@ impl Channel {
             ChannelSpec::Git { url, refname } => {
                 let scratch = git::Scratch::new()?;
                 let parent = scratch.fetch_tip(url, refname)?;
-                let files = [
-                    (DOCUMENT_FILE, release.document.as_slice()),
-                    (SIGNATURE_FILE, release.signatures.as_slice()),
-                ];
-                let commit =
-                    scratch.commit_and_push(url, refname, parent.as_deref(), &files, message)?;
+                let commit = scratch.commit_and_push(
+                    url,
+                    refname,
+                    parent.as_deref(),
+                    &tree(release),
+                    message,
+                )?;
                 Ok(format!("commit {commit}"))
             }
         }
     }
+
+    /// Publishes a new freshness statement for the release the channel holds, which must still
+    /// be `release.document` (else another release was published meanwhile: nothing is
+    /// written). A directory gets the statement's two files alone, so the release's own stay
+    /// untouched (an HTTP server keeps their validators); a git ref gets a commit.
+    pub fn publish_freshness(&self, release: &Published, message: &str) -> Result<String> {
+        let changed = || {
+            anyhow::anyhow!(
+                "the release in {self} changed while its freshness statement was made: run \
+                 fleet-sign refresh again"
+            )
+        };
+        match &self.0 {
+            ChannelSpec::Directory(dir) => {
+                let current = read_capped(&dir.join(DOCUMENT_FILE), MAX_DOCUMENT_BYTES)?;
+                if current.as_deref() != Some(release.document.as_slice()) {
+                    return Err(changed());
+                }
+                write_freshness(dir, release)?;
+                Ok(dir.display().to_string())
+            }
+            ChannelSpec::Http(url) => bail!(
+                "cannot publish to '{url}': fleet-sign publishes to a directory or a git remote; \
+                 refresh the directory this URL serves"
+            ),
+            ChannelSpec::Git { url, refname } => {
+                let scratch = git::Scratch::new()?;
+                let tip = scratch.fetch_tip(url, refname)?.ok_or_else(changed)?;
+                let current = scratch.read_file(&tip, DOCUMENT_FILE, MAX_DOCUMENT_BYTES)?;
+                if current.as_deref() != Some(release.document.as_slice()) {
+                    return Err(changed());
+                }
+                let commit =
+                    scratch.commit_and_push(url, refname, Some(&tip), &tree(release), message)?;
+                Ok(format!("commit {commit}"))
+            }
+        }
+    }
+}
+
+/// The files of a release commit: the release's two, and the statement's when it has one.
+fn tree(release: &Published) -> Vec<(&'static str, &[u8])> {
+    let mut files = vec![
+        (DOCUMENT_FILE, release.document.as_slice()),
+        (SIGNATURE_FILE, release.signatures.as_slice()),
+    ];
+    if let Some((statement, signatures)) = &release.freshness {
+        files.push((FRESHNESS_FILE, statement.as_slice()));
+        files.push((FRESHNESS_SIGNATURE_FILE, signatures.as_slice()));
+    }
+    files
+}
+
+/// Writes the statement's signatures, then the statement: a reader between the two sees the old
+/// statement with new signatures, which reads as an untrusted statement until the next poll.
+fn write_freshness(dir: &Path, release: &Published) -> Result<()> {
+    let Some((statement, signatures)) = &release.freshness else {
+        return Ok(());
+    };
+    write_atomic(&dir.join(FRESHNESS_FILE), statement)?;
+    write_atomic(&dir.join(FRESHNESS_SIGNATURE_FILE), signatures)
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("could not remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The release files of a fetched commit.
+fn read_commit(
+    scratch: &git::Scratch,
+    tip: &str,
+    url: &str,
+    refname: &str,
+    names: &[(&str, usize)],
+) -> Result<Published> {
+    let mut files: [Option<Vec<u8>>; 4] = Default::default();
+    for (slot, (name, limit)) in files.iter_mut().zip(names) {
+        *slot = scratch.read_file(tip, name, *limit)?;
+    }
+    assemble(files).ok_or_else(|| {
+        anyhow::anyhow!(
+            "ref '{refname}' of '{url}' (commit {tip}) has no {DOCUMENT_FILE}: is this the \
+             release ref?"
+        )
+    })
 }
 
 fn read_capped(path: &Path, limit: usize) -> Result<Option<Vec<u8>>> {
@@ -136,19 +267,15 @@ fn read_capped(path: &Path, limit: usize) -> Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-fn read_directory(dir: &Path) -> Result<Option<Published>> {
-    let Some(document) = read_capped(&dir.join(DOCUMENT_FILE), MAX_DOCUMENT_BYTES)? else {
-        return Ok(None);
-    };
-    let signatures =
-        read_capped(&dir.join(SIGNATURE_FILE), MAX_SIGNATURE_FILE_BYTES)?.unwrap_or_default();
-    Ok(Some(Published {
-        document,
-        signatures,
-    }))
+fn read_directory(dir: &Path, names: &[(&str, usize)]) -> Result<Option<Published>> {
+    let mut files: [Option<Vec<u8>>; 4] = Default::default();
+    for (slot, (name, limit)) in files.iter_mut().zip(names) {
+        *slot = read_capped(&dir.join(name), *limit)?;
+    }
+    Ok(assemble(files))
 }
 
-fn read_http(base: &str) -> Result<Option<Published>> {
+fn read_http(base: &str, names: &[(&str, usize)]) -> Result<Option<Published>> {
     let client = reqwest::blocking::Client::builder()
         .use_preconfigured_tls(crate::config::tls()?)
         .connect_timeout(HTTP_CONNECT_TIMEOUT)
@@ -181,14 +308,14 @@ fn read_http(base: &str) -> Result<Option<Published>> {
         }
         Ok(Some(bytes))
     };
-    let Some(document) = get(DOCUMENT_FILE, MAX_DOCUMENT_BYTES)? else {
-        return Ok(None);
-    };
-    let signatures = get(SIGNATURE_FILE, MAX_SIGNATURE_FILE_BYTES)?.unwrap_or_default();
-    Ok(Some(Published {
-        document,
-        signatures,
-    }))
+    let mut files: [Option<Vec<u8>>; 4] = Default::default();
+    for (slot, (name, limit)) in files.iter_mut().zip(names) {
+        *slot = get(name, *limit)?;
+        if slot.is_none() && *name == DOCUMENT_FILE {
+            return Ok(None);
+        }
+    }
+    Ok(assemble(files))
 }
 
 /// Writes a file so readers see the old or the new bytes, never a mix: temp file, fsync,

@@ -22,6 +22,11 @@
 //! listen = "0.0.0.0:9400"                     # for fleet-sign collect
 //! database = "/var/lib/fleet-collector/fleet.db"
 //!
+//! [freshness]                               # see docs/fleet-sign.md, "Freshness"
+//! keys = ["fresh-ci:base64…"]                # what hosts trust as freshness_keys
+//! key = "keys/fresh.sec"                      # signs statements (refresh, release)
+//! expires = "7d"                              # a statement's lifetime
+//!
 //! [hosts.router1]
 //! report_key = "router1:49SIOpjnGSp5r+SsncgIRf6j4OKvy4m67GEJc2oWQ3s="
 //! wave = 0
@@ -30,10 +35,13 @@
 use crate::channel::Channel;
 use crate::keyfile;
 use anyhow::{Context as _, Result};
-use fleet_agent::release::SecretKey;
+use fleet_agent::release::{PublicKey, SecretKey, TrustPolicy, MAX_FRESHNESS_LIFETIME};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// A freshness statement's lifetime unless the config says otherwise: 7 days.
+pub const DEFAULT_FRESHNESS_LIFETIME: u64 = 7 * 86_400;
 
 /// The file as written.
 #[derive(Debug, Default, Deserialize)]
@@ -75,6 +83,21 @@ pub struct RawConfig {
     /// PEM certificates to trust for HTTPS besides the system's trust store (https channels
     /// and the collector behind a private CA); `$FLEET_CA_FILE` when the file does not say.
     pub ca_file: Option<PathBuf>,
+    /// Freshness statements: the keys hosts trust for them and the one that signs them.
+    pub freshness: Option<RawFreshness>,
+}
+
+/// `[freshness]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFreshness {
+    /// Public freshness keys, as the hosts' `freshness_keys` list them.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// The secret freshness key `fleet-sign refresh` (and `release`) sign statements with.
+    pub key: Option<PathBuf>,
+    /// How long a statement stays valid, e.g. "7d"; at most 31 days. Default 7 days.
+    pub expires: Option<String>,
 }
 
 /// `[collector]`.
@@ -156,6 +179,62 @@ impl Loaded {
             ));
         }
         paths.iter().map(|p| keyfile::read_secret(p)).collect()
+    }
+
+    /// The freshness keys hosts trust, from `[freshness] keys`, else the public half of
+    /// `[freshness] key`; `None` when the fleet uses no freshness statements.
+    pub fn freshness_policy(&self) -> Result<Option<TrustPolicy>> {
+        let Some(freshness) = &self.raw.freshness else {
+            return Ok(None);
+        };
+        let mut keys: Vec<PublicKey> = freshness
+            .keys
+            .iter()
+            .map(|k| keyfile::read_public(k))
+            .collect::<Result<_>>()?;
+        if keys.is_empty() {
+            if let Some(secret) = self.freshness_key()? {
+                keys.push(secret.public());
+            }
+        }
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        TrustPolicy::new(keys, 1)
+            .map(Some)
+            .map_err(|e| crate::usage(format!("[freshness] keys: {e}")))
+    }
+
+    /// The secret freshness key from `[freshness] key`, if set.
+    pub fn freshness_key(&self) -> Result<Option<SecretKey>> {
+        self.raw
+            .freshness
+            .as_ref()
+            .and_then(|f| f.key.as_ref())
+            .map(|path| keyfile::read_secret(&self.resolve(path)))
+            .transpose()
+    }
+
+    /// A statement's lifetime: `flag`, else `[freshness] expires`, else 7 days.
+    pub fn freshness_lifetime(&self, flag: Option<&str>) -> Result<u64> {
+        let text = flag.or(self
+            .raw
+            .freshness
+            .as_ref()
+            .and_then(|f| f.expires.as_deref()));
+        let Some(text) = text else {
+            return Ok(DEFAULT_FRESHNESS_LIFETIME);
+        };
+        let seconds = humantime::parse_duration(text)
+            .map_err(|e| crate::usage(format!("freshness lifetime '{text}': {e}")))?
+            .as_secs();
+        if seconds == 0 || seconds > MAX_FRESHNESS_LIFETIME {
+            return Err(crate::usage(format!(
+                "freshness lifetime '{text}' must be more than 0 and at most {} days",
+                MAX_FRESHNESS_LIFETIME / 86_400
+            )));
+        }
+        Ok(seconds)
     }
 
     /// The channels: `--channel` flags, else `channels` from the file; refuses none at all.

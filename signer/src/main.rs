@@ -41,6 +41,7 @@ enum Command {
     Keygen(command::keygen::Args),
     Release(command::release::Args),
     Sign(command::sign::Args),
+    Refresh(command::refresh::Args),
     Verify(command::verify::Args),
     Collect(command::collect::Args),
     Status(command::status::Args),
@@ -112,12 +113,14 @@ fn main() -> ExitCode {
         Command::Release(args) => args.json(),
         Command::Verify(args) => args.json(),
         Command::Status(args) => args.json(),
+        Command::Refresh(args) => args.json(),
         _ => false,
     };
     let result = match cli.command {
         Command::Keygen(args) => command::keygen::run(args),
         Command::Release(args) => command::release::run(args),
         Command::Sign(args) => command::sign::run(args),
+        Command::Refresh(args) => command::refresh::run(args),
         Command::Verify(args) => command::verify::run(args),
         Command::Collect(args) => command::collect::run(args),
         Command::Status(args) => command::status::run(args),
@@ -125,7 +128,13 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("fleet-sign: error: {error:#}");
+            // A refusal names its reason code, as the hosts' reports and --json do.
+            let text = format!("{error:#}");
+            match error_code(&error) {
+                "failed" | "usage" => eprintln!("fleet-sign: error: {text}"),
+                code if text.contains(code) => eprintln!("fleet-sign: error: {text}"),
+                code => eprintln!("fleet-sign: error ({code}): {text}"),
+            }
             if json {
                 // Every failure of a --json command is JSON on stdout too.
                 let out = serde_json::json!({

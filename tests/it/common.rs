@@ -130,6 +130,68 @@ impl Fleet {
         format!("git+file://{}", self.git_remote.display())
     }
 
+    /// A freshness key made with `fleet-sign keygen fresh`: its secret file and public key.
+    pub fn freshness_key(&self) -> (PathBuf, String) {
+        let secret = self.dir.join("fresh.sec");
+        if !secret.exists() {
+            let mut keygen = command("fleet-sign");
+            keygen.args(["keygen", "fresh", "--out"]).arg(&secret);
+            run(keygen).ok();
+        }
+        let public = std::fs::read_to_string(secret.with_extension("sec.pub")).unwrap();
+        (secret, public.trim().to_owned())
+    }
+
+    /// `fleet-sign refresh` of the git remote and the directory with the freshness key, trusting
+    /// the release key.
+    pub fn refresh(&self, extra: &[&str]) -> Run {
+        let mut c = command("fleet-sign");
+        c.arg("refresh")
+            .args(["--fleet", "home", "--freshness-key"])
+            .arg(self.freshness_key().0)
+            .args(["--trusted-key", &self.release_public_key()])
+            .args(["--channel", &self.git_channel()])
+            .arg("--channel")
+            .arg(&self.channel_dir)
+            .args(extra);
+        run(c)
+    }
+
+    /// A freshness statement for `document` (its serial `serial`), valid from `issued` to
+    /// `expires`, signed by `keys`: what `fleet-sign refresh` writes, with any times.
+    pub fn statement(
+        document: &[u8],
+        serial: u64,
+        issued: u64,
+        expires: u64,
+        keys: &[&SecretKey],
+    ) -> (Vec<u8>, Vec<u8>) {
+        release::Statement {
+            format: 1,
+            fleet: "home".into(),
+            serial,
+            release: release::Digest::of(document).to_string(),
+            issued_at: issued,
+            expires,
+        }
+        .sign(keys)
+    }
+
+    /// Writes a freshness statement and its signatures to the directory channel as they are.
+    pub fn publish_freshness_raw(&self, statement: &[u8], signatures: &[u8]) {
+        std::fs::write(self.channel_dir.join(release::FRESHNESS_FILE), statement).unwrap();
+        std::fs::write(
+            self.channel_dir.join(release::FRESHNESS_SIGNATURE_FILE),
+            signatures,
+        )
+        .unwrap();
+    }
+
+    /// The freshness key as the agent library reads it.
+    pub fn freshness_secret(&self) -> SecretKey {
+        SecretKey::parse(&std::fs::read_to_string(self.freshness_key().0).unwrap()).unwrap()
+    }
+
     /// `fleet-sign verify --from <from>` trusting the release key.
     pub fn verify(&self, from: &str, extra: &[&str]) -> Run {
         let mut c = command("fleet-sign");

@@ -5,6 +5,7 @@ mod build;
 mod common;
 mod crash;
 mod disk;
+mod freshness;
 mod machine;
 mod module;
 mod nix_files;

@@ -24,6 +24,16 @@ fn nixpkgs_lib() -> Option<PathBuf> {
 }
 
 /// Evaluates the modules with `config` (a Nix expression for a module).
+/// `fleet-agent check-config` on the settings a module rendered.
+fn check_config(settings: &serde_json::Value) -> fleet_tests::Run {
+    let dir = TestDir::new();
+    let file = dir.join("config.toml");
+    std::fs::write(&file, toml::to_string(settings).unwrap()).unwrap();
+    let mut c = command("fleet-agent");
+    c.arg("check-config").arg(&file);
+    run(c)
+}
+
 fn eval(lib: &Path, config: &str) -> serde_json::Value {
     eval_with(lib, &format!("config = {config};"))
 }
@@ -226,14 +236,8 @@ fn every_documented_setting_renders_to_toml_that_check_config_accepts() {
         ),
     );
     assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
-    let toml = toml::to_string(&out["settings"]).unwrap();
-    let dir = TestDir::new();
-    let file = dir.join("config.toml");
-    std::fs::write(&file, &toml).unwrap();
-    let mut c = command("fleet-agent");
-    c.arg("check-config").arg(&file);
-    let checked = run(c);
-    assert_eq!(checked.code, Some(0), "{toml}\n{checked}");
+    let checked = check_config(&out["settings"]);
+    assert_eq!(checked.code, Some(0), "{}\n{checked}", out["settings"]);
     assert!(binary("fleet-agent").exists());
 }
 
@@ -271,6 +275,101 @@ fn the_collector_module_runs_fleet_sign_collect_as_a_dynamic_user() {
     assert!(
         failed[0].as_str().unwrap().contains("trustedKeys"),
         "{failed}"
+    );
+}
+
+#[test]
+fn freshness_keys_reach_the_agent_and_a_timer_refreshes_the_channels() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    const RELEASE: &str = "ops-2026:49SIOpjnGSp5r+SsncgIRf6j4OKvy4m67GEJc2oWQ3s=";
+    const FRESH: &str = "fresh-ci:5SO5A/3oRhOc7Gu5S3hwoRPaJLNITTyEeM8zxnnkNbk=";
+    let out = eval(
+        &lib,
+        &format!(
+            r#"{{ services.fleet-collector = {{
+                enable = true;
+                fleet = "home";
+                channel = "/srv/www/fleet";
+                trustedKeys = [ "{RELEASE}" ];
+                freshness.keys = [ "{FRESH}" ];
+                freshness.keyFile = "/run/secrets/fresh.sec";
+                freshness.channels = [ "/srv/www/fleet" "git+ssh://git@git.example.org/fleet.git" ];
+            }};
+            services.fleet-agent = {{
+                enable = true;
+                settings = {{ fleet = "home"; trusted_keys = [ "{RELEASE}" ];
+                    freshness_keys = [ "{FRESH}" ]; channel = "https://example.org/fleet"; }};
+            }}; }}"#
+        ),
+    );
+    assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+    assert_eq!(
+        out["settings"]["freshness_keys"],
+        serde_json::json!([FRESH])
+    );
+    let collect = out["collector"]["serviceConfig"]["ExecStart"]
+        .as_str()
+        .unwrap();
+    assert!(
+        collect.contains(&format!("--freshness-key '{FRESH}'")),
+        "{collect}"
+    );
+    let refresh = &out["refresh"]["serviceConfig"];
+    let exec = refresh["ExecStart"].as_str().unwrap();
+    for part in [
+        "/bin/fleet-sign refresh --fleet home --freshness-key %d/freshness-key --expires 7d",
+        &format!("--trusted-key '{RELEASE}'"),
+        "--channel /srv/www/fleet --channel git+ssh://git@git.example.org/fleet.git",
+    ] {
+        assert!(exec.contains(part), "{part} in {exec}");
+    }
+    assert_eq!(
+        refresh["LoadCredential"],
+        serde_json::json!(["freshness-key:/run/secrets/fresh.sec"])
+    );
+    // It writes the directory channel, confined to it.
+    assert_eq!(
+        refresh["ReadWritePaths"],
+        serde_json::json!(["/srv/www/fleet"])
+    );
+    assert_eq!(refresh["ProtectSystem"], "strict");
+    assert_eq!(out["refreshTimer"]["timerConfig"]["OnCalendar"], "hourly");
+    assert_eq!(
+        out["refreshTimer"]["wantedBy"],
+        serde_json::json!(["timers.target"])
+    );
+    // The agent's settings pass the agent's own check.
+    let checked = check_config(&out["settings"]);
+    assert_eq!(checked.code, Some(0), "{checked}");
+    assert!(checked.stdout.contains("freshness"), "{checked}");
+
+    // A release key as freshness key, and an http channel to refresh: refused with reasons.
+    let failed = eval(
+        &lib,
+        &format!(
+            r#"{{ services.fleet-collector = {{ enable = true; fleet = "home";
+                channel = "https://example.org/fleet"; trustedKeys = [ "{RELEASE}" ];
+                freshness.keyFile = "/run/secrets/fresh.sec"; }};
+            services.fleet-agent = {{ enable = true; settings = {{ fleet = "home";
+                trusted_keys = [ "{RELEASE}" ]; freshness_keys = [ "{}" ];
+                channel = "https://example.org/fleet"; }}; }}; }}"#,
+            RELEASE.replacen("ops-2026", "fresh", 1)
+        ),
+    )["failedAssertions"]
+        .clone();
+    let failed = failed.to_string();
+    assert!(
+        failed.contains("freshness_keys holds a release key"),
+        "{failed}"
+    );
+    assert!(failed.contains("freshness.channels must be"), "{failed}");
+    assert_eq!(
+        eval(
+            &lib,
+            r#"{ services.fleet-collector = { enable = true; fleet = "home"; channel = "/srv";
+                trustedKeys = [ "a:49SIOpjnGSp5r+SsncgIRf6j4OKvy4m67GEJc2oWQ3s=" ]; }; }"#
+        )["refresh"],
+        serde_json::Value::Null
     );
 }
 
@@ -507,16 +606,12 @@ fn the_vm_tests_evaluate_with_the_flakes_module_and_their_scripts_parse() {
         serde_json::json!([key.trim()])
     );
     // Its agent settings are a config the agent takes.
-    let dir = TestDir::new();
-    let file = dir.join("config.toml");
-    std::fs::write(&file, toml::to_string(&out["settings"]).unwrap()).unwrap();
-    let mut c = command("fleet-agent");
-    c.arg("check-config").arg(&file);
-    let checked = run(c);
+    let checked = check_config(&out["settings"]);
     assert_eq!(checked.code, Some(0), "{checked}");
     // Every test script is Python the test driver can load.
     let tests = out["vmTests"].as_object().unwrap();
     assert!(!tests.is_empty());
+    let dir = TestDir::new();
     for (name, test) in tests {
         let file = dir.join(format!("{name}.py"));
         std::fs::write(&file, test["script"].as_str().unwrap()).unwrap();
@@ -541,7 +636,6 @@ fn the_fleet_vm_test_releases_systems_its_hosts_do_not_have() {
         .unwrap()
         .contains("--from /srv/release"));
     assert_eq!(server["firewall"], serde_json::json!([9400, 80]));
-    let dir = TestDir::new();
     for (name, host) in [("host1", &host1), ("host2", &host2)] {
         // Each host's next system is another system than its own, built beside it.
         let next = &host["build"]["fleetNext"];
@@ -561,11 +655,7 @@ fn the_fleet_vm_test_releases_systems_its_hosts_do_not_have() {
             host["settings"]["substituters"],
             serde_json::json!(["http://server"])
         );
-        let file = dir.join(format!("{name}.toml"));
-        std::fs::write(&file, toml::to_string(&host["settings"]).unwrap()).unwrap();
-        let mut c = command("fleet-agent");
-        c.arg("check-config").arg(&file);
-        let checked = run(c);
+        let checked = check_config(&host["settings"]);
         assert_eq!(checked.code, Some(0), "{name}: {checked}");
     }
     // host1's next system changes the agent's package and its config: the agent restarts into

@@ -2,7 +2,9 @@
 //! code, and fetches nothing from the cache.
 
 use crate::common::{Channel, Fleet};
-use fleet_agent::release::{Release, SecretKey, StorePath};
+use fleet_agent::release::{
+    Release, SecretKey, StorePath, FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE,
+};
 use fleet_tests::fixture::FixtureFleet;
 use fleet_tests::git::{DaemonMode, HostileGitDaemon};
 use fleet_tests::host::SimHost;
@@ -252,6 +254,85 @@ fn refusals_keep_the_generation_and_fetch_nothing() {
     assert_eq!(outcome["code"], "no_host_entry");
     s.host.assert_on(s.v3.as_str());
     assert_eq!(s.host.state()["accepted"]["serial"], 7);
+}
+
+#[test]
+fn freshness_refusals_keep_the_generation_and_fetch_nothing() {
+    let s = setup(Channel::Directory);
+    let (_, fresh_public) = s.fleet.freshness_key();
+    let fresh = s.fleet.freshness_secret();
+    let keys = [s.fleet.release_public_key()];
+    let url = s.fleet.channel_url(Channel::Directory);
+    s.host.write_config(
+        &s.fleet.settings(&keys, 1, &url),
+        &format!("freshness_keys = [\"{fresh_public}\"]"),
+        "",
+    );
+    let now = unix_now();
+    let (base_doc, base_sigs) = Fleet::sign(&s.base, &[&s.key]);
+    let (doc, sigs) = Fleet::sign(&s.next(), &[&s.key]);
+    let statement = |document: &[u8], serial, issued, expires, key| {
+        Fleet::statement(document, serial, issued, expires, &[key])
+    };
+    let rows = [
+        ("no statement", None, "freshness_missing"),
+        (
+            "the statement of the release before",
+            Some(statement(&base_doc, 5, now - 60, now + 3600, &fresh)),
+            "freshness_mismatch",
+        ),
+        (
+            "a statement naming the serial with other bytes",
+            Some(statement(&base_doc, 6, now - 60, now + 3600, &fresh)),
+            "freshness_mismatch",
+        ),
+        (
+            "an expired statement",
+            Some(statement(&doc, 6, now - 7200, now - 3600, &fresh)),
+            "expired",
+        ),
+        (
+            "a statement signed by the release key",
+            Some(statement(&doc, 6, now - 60, now + 3600, &s.key)),
+            "freshness_untrusted",
+        ),
+    ];
+    for (what, freshness, code) in rows {
+        s.fleet.publish_raw(&doc, &sigs);
+        match freshness {
+            Some((statement, signatures)) => s.fleet.publish_freshness_raw(&statement, &signatures),
+            None => {
+                for name in [FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE] {
+                    std::fs::remove_file(s.fleet.channel_dir.join(name)).ok();
+                }
+            }
+        }
+        s.assert_refused(what, 3, code);
+    }
+    // The freshness key cannot move the host: a release it signed, with its own statement.
+    let (_, forged_sigs) = Fleet::sign(&s.next(), &[&fresh]);
+    s.fleet.publish_raw(&doc, &forged_sigs);
+    let (statement_bytes, signatures) = statement(&doc, 6, now - 60, now + 3600, &fresh);
+    s.fleet.publish_freshness_raw(&statement_bytes, &signatures);
+    s.assert_refused(
+        "a release signed by the freshness key",
+        3,
+        "signature_untrusted",
+    );
+    // The current release with a valid statement: nothing refused, the host stays.
+    s.fleet.publish_raw(&base_doc, &base_sigs);
+    let (statement_bytes, signatures) = statement(&base_doc, 5, now - 60, now + 3600, &fresh);
+    s.fleet.publish_freshness_raw(&statement_bytes, &signatures);
+    let (code, outcome) = s.host.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    assert_eq!(outcome["outcome"], "up-to-date", "{outcome}");
+    // And the next release with its statement moves it.
+    s.fleet.publish_raw(&doc, &sigs);
+    let (statement_bytes, signatures) = statement(&doc, 6, now - 60, now + 3600, &fresh);
+    s.fleet.publish_freshness_raw(&statement_bytes, &signatures);
+    let (code, outcome) = s.host.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    s.host.assert_on(s.v3.as_str());
 }
 
 #[test]

@@ -5,7 +5,10 @@
 //! objects. Moving the ref back to an older signed commit changes nothing: the serial decides.
 
 use super::git_transport;
-use super::{ChannelError, Fetched, Polled, FILES, MAX_GIT_FETCH_BYTES};
+use super::{
+    ChannelError, Fetched, FetchedFreshness, Polled, WantFreshness, FILES, FRESHNESS_FILES,
+    MAX_GIT_FETCH_BYTES,
+};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,6 +18,7 @@ const TIP_REF: &str = "refs/fleet/tip";
 pub struct GitChannel {
     url: String,
     refname: String,
+    want_freshness: WantFreshness,
     repo_dir: PathBuf,
     transport: git_transport::Settings,
     last_tip: Option<git2::Oid>,
@@ -25,12 +29,14 @@ impl GitChannel {
     pub fn new(
         url: String,
         refname: String,
+        want_freshness: WantFreshness,
         repo_dir: PathBuf,
         transport: git_transport::Settings,
     ) -> Self {
         Self {
             url,
             refname,
+            want_freshness,
             repo_dir,
             transport,
             last_tip: None,
@@ -72,6 +78,7 @@ impl GitChannel {
         let job = Job {
             url: self.url.clone(),
             refname: self.refname.clone(),
+            want_freshness: self.want_freshness,
             repo_dir: self.repo_dir.clone(),
             transport,
             last_tip: self.last_tip,
@@ -97,6 +104,7 @@ impl Drop for CancelOnDrop {
 struct Job {
     url: String,
     refname: String,
+    want_freshness: WantFreshness,
     repo_dir: PathBuf,
     transport: git_transport::Settings,
     last_tip: Option<git2::Oid>,
@@ -231,11 +239,9 @@ impl Job {
         let odb = repo
             .odb()
             .map_err(|e| git_error("git object database", e))?;
-        let mut files = Vec::new();
-        for (name, limit) in FILES {
+        let read = |name: &str, limit: usize| -> Result<Option<Vec<u8>>, ChannelError> {
             let Some(entry) = tree.get_name(name) else {
-                files.push(None);
-                continue;
+                return Ok(None);
             };
             let (size, kind) = odb
                 .read_header(entry.id())
@@ -254,20 +260,35 @@ impl Job {
             let blob = repo
                 .find_blob(entry.id())
                 .map_err(|e| git_error(&format!("{name} in commit {tip}"), e))?;
-            files.push(Some(blob.content().to_vec()));
-        }
-        let signatures = files.pop().flatten().unwrap_or_default();
-        let Some(document) = files.pop().flatten() else {
+            Ok(Some(blob.content().to_vec()))
+        };
+        let [(document_name, document_limit), (signatures_name, signatures_limit)] = FILES;
+        let Some(document) = read(document_name, document_limit)? else {
             return Err(ChannelError::Git(format!(
-                "commit {tip} of ref '{}' has no {}: is this the release ref?",
-                self.refname, FILES[0].0
+                "commit {tip} of ref '{}' has no {document_name}: is this the release ref?",
+                self.refname
             )));
+        };
+        let signatures = read(signatures_name, signatures_limit)?.unwrap_or_default();
+        let freshness = match self.want_freshness {
+            WantFreshness(true) => {
+                let [(statement_name, statement_limit), (fsig_name, fsig_limit)] = FRESHNESS_FILES;
+                match read(statement_name, statement_limit)? {
+                    Some(statement) => Some(FetchedFreshness {
+                        statement,
+                        signatures: read(fsig_name, fsig_limit)?.unwrap_or_default(),
+                    }),
+                    None => None,
+                }
+            }
+            WantFreshness(false) => None,
         };
         Ok((
             Some(tip),
             Polled::Release(Fetched {
                 document,
                 signatures,
+                freshness,
             }),
         ))
     }

@@ -9,7 +9,10 @@ mod git_transport;
 mod http;
 
 use crate::config::{ChannelSpec, Config};
-use crate::release::{MAX_DOCUMENT_BYTES, MAX_SIGNATURE_FILE_BYTES};
+use crate::release::{
+    FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE, MAX_DOCUMENT_BYTES, MAX_FRESHNESS_BYTES,
+    MAX_SIGNATURE_FILE_BYTES,
+};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -26,6 +29,33 @@ pub const MAX_GIT_FETCH_BYTES: usize = 64 << 20;
 pub struct Fetched {
     pub document: Vec<u8>,
     pub signatures: Vec<u8>,
+    /// The freshness statement beside it, when the host trusts freshness keys and the channel
+    /// holds one.
+    pub freshness: Option<FetchedFreshness>,
+}
+
+/// A freshness statement as fetched, not yet verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedFreshness {
+    pub statement: Vec<u8>,
+    pub signatures: Vec<u8>,
+}
+
+impl FetchedFreshness {
+    /// The form [`crate::release::verify_freshness`] takes.
+    pub fn as_pair(this: &Option<Self>) -> Option<(&[u8], &[u8])> {
+        this.as_ref()
+            .map(|f| (f.statement.as_slice(), f.signatures.as_slice()))
+    }
+}
+
+/// What a poll of the freshness statement alone found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FreshnessPolled {
+    /// The same statement as before.
+    Unchanged,
+    /// The channel's current statement, or `None` when it holds none.
+    Statement(Option<FetchedFreshness>),
 }
 
 /// What a poll found.
@@ -81,6 +111,10 @@ pub struct Channel {
     timeout: Duration,
 }
 
+/// Whether the channel fetches freshness statements too (the host trusts freshness keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WantFreshness(pub bool);
+
 enum Kind {
     Directory(dir::DirChannel),
     Http(http::HttpChannel),
@@ -99,17 +133,22 @@ fn read_secret(path: &Option<PathBuf>) -> Result<Option<String>, ChannelError> {
 
 impl Channel {
     pub fn new(config: &Config) -> Result<Self, ChannelError> {
+        let want = WantFreshness(config.freshness.is_some());
         let kind = match &config.channel {
-            ChannelSpec::Directory(path) => Kind::Directory(dir::DirChannel::new(path.clone())),
+            ChannelSpec::Directory(path) => {
+                Kind::Directory(dir::DirChannel::new(path.clone(), want))
+            }
             ChannelSpec::Http(url) => Kind::Http(http::HttpChannel::new(
                 url.clone(),
                 read_secret(&config.token_file)?,
                 config.channel_timeout,
                 config.ca_file.as_deref(),
+                want,
             )?),
             ChannelSpec::Git { url, refname } => Kind::Git(git::GitChannel::new(
                 url.clone(),
                 refname.clone(),
+                want,
                 config.state_dir.join("git"),
                 git_transport::Settings {
                     token: read_secret(&config.token_file)?,
@@ -141,6 +180,25 @@ impl Channel {
             .await
             .unwrap_or(Err(ChannelError::TimedOut {
                 what: "the release".into(),
+                after: self.timeout,
+            }))
+    }
+
+    /// Fetches the freshness statement alone, for a release that did not change. A directory
+    /// is read again; a new statement in a git channel moves the ref, so the release poll
+    /// already brought it; an HTTP channel asks with a conditional GET of its own.
+    pub async fn poll_freshness(&mut self) -> Result<FreshnessPolled, ChannelError> {
+        let work = async {
+            match &mut self.kind {
+                Kind::Directory(c) => c.read_freshness().await.map(FreshnessPolled::Statement),
+                Kind::Http(c) => c.poll_freshness().await,
+                Kind::Git(_) => Ok(FreshnessPolled::Unchanged),
+            }
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or(Err(ChannelError::TimedOut {
+                what: "the freshness statement".into(),
                 after: self.timeout,
             }))
     }
@@ -210,4 +268,10 @@ async fn read_capped<R: tokio::io::AsyncRead + Unpin>(
 const FILES: [(&str, usize); 2] = [
     (crate::release::DOCUMENT_FILE, MAX_DOCUMENT_BYTES),
     (crate::release::SIGNATURE_FILE, MAX_SIGNATURE_FILE_BYTES),
+];
+
+/// The freshness statement's two files' names and limits, in fetch order.
+const FRESHNESS_FILES: [(&str, usize); 2] = [
+    (FRESHNESS_FILE, MAX_FRESHNESS_BYTES),
+    (FRESHNESS_SIGNATURE_FILE, MAX_SIGNATURE_FILE_BYTES),
 ];

@@ -21,6 +21,14 @@ pub fn run(path: &Path) -> u8 {
         keys.len(),
         keys.join(", ")
     );
+    if let Some(freshness) = &config.freshness {
+        let keys: Vec<&str> = freshness.keys().iter().map(|k| k.name()).collect();
+        println!(
+            "  requires a freshness statement signed by one of: {} (its expiry replaces the \
+             release's)",
+            keys.join(", ")
+        );
+    }
     println!(
         "  polls {} every {} (+ up to {} splay)",
         config.channel,

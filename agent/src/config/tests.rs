@@ -180,3 +180,21 @@ fn sizes_take_binary_and_decimal_units() {
     assert!(parse_size("lots").is_err());
     assert!(parse_size("5 parsecs").unwrap_err().contains("parsecs"));
 }
+
+#[test]
+fn freshness_keys_need_keys_of_their_own() {
+    const FRESH: &str = "fresh:5SO5A/3oRhOc7Gu5S3hwoRPaJLNITTyEeM8zxnnkNbk=";
+    let config = parse(&minimal(&format!("freshness_keys = [\"{FRESH}\"]"))).unwrap();
+    let freshness = config.freshness.expect("freshness keys configured");
+    assert_eq!(freshness.threshold(), 1);
+    assert_eq!(freshness.keys()[0].name(), "fresh");
+    assert!(parse(&minimal("")).unwrap().freshness.is_none());
+    // The release key again, under another name: refused, whatever its name.
+    let again = KEY.replacen("ops1", "fresh", 1);
+    let error = parse(&minimal(&format!("freshness_keys = [\"{again}\"]"))).unwrap_err();
+    assert_eq!(
+        error,
+        "freshness key 'fresh' is also a release key (trusted_keys): the freshness role needs a \
+         key of its own"
+    );
+}

@@ -11,14 +11,14 @@ mod apply;
 mod tests;
 
 use crate::activate::Activator;
-use crate::channel::{Channel, ChannelError, Fetched, Polled};
+use crate::channel::{Channel, ChannelError, Fetched, FetchedFreshness, FreshnessPolled, Polled};
 use crate::config::Config;
 use crate::health::CheckResult;
 use crate::identity;
 use crate::metrics::{self, Durations};
 use crate::nix::{resolve_link, Nix};
 use crate::release::StorePath;
-use crate::release::{self, Accepted, Digest, VerifiedRelease, VerifyContext, VerifyError};
+use crate::release::{self, Accepted, Digest, Fresh, VerifiedRelease, VerifyContext, VerifyError};
 use crate::report::wire::{clip, MAX_CHECKS, MAX_DETAIL, MAX_MESSAGE, REPORT_FORMAT};
 use crate::report::{Event, Report, ReportError, Reporter};
 use crate::state::{AcceptedRelease, LastError, Phase, State, StateError, StateFile};
@@ -149,8 +149,12 @@ pub struct Agent {
     pub(crate) cancel: CancellationToken,
     /// The verdict on the last release the channel sent. When the channel reports no change it
     /// is judged again without re-checking signatures over the same bytes: a pending release
-    /// may now be due or retried, an accepted one may have expired.
-    last_verdict: Option<Result<VerifiedRelease, VerifyError>>,
+    /// may now be due or retried, an accepted one may have expired. Shared, not copied, by
+    /// each poll.
+    last_verdict: Option<Result<Arc<VerifiedRelease>, VerifyError>>,
+    /// The verdict on the freshness statement for that release (hosts that trust freshness
+    /// keys): kept while it is young, fetched again once it lived half its life.
+    last_fresh: Option<Result<Fresh, VerifyError>>,
     /// Signs and queues reports for the collector, when one is configured.
     reporter: Option<Arc<Reporter>>,
     /// How long the steps of the last deploy took.
@@ -214,6 +218,7 @@ impl Agent {
             config,
             cancel,
             last_verdict: None,
+            last_fresh: None,
             reporter,
             durations: Durations::default(),
             last_outcome: None,
@@ -478,28 +483,19 @@ impl Agent {
                 return outcome;
             }
         }
-        let verdict = match self.channel.poll().await {
+        let (verdict, statement) = match self.channel.poll().await {
             Ok(Polled::Empty) => return Outcome::NoRelease,
             // Validators live in memory only, so after a restart the first poll fetches in
             // full and a verdict exists whenever the channel says nothing changed.
             Ok(Polled::Unchanged) => match self.last_verdict.clone() {
-                Some(Ok(verified)) => {
-                    let now = now(self.state.time_floor);
-                    let release = verified.release();
-                    if now >= release.expires {
-                        Err(VerifyError::Expired {
-                            serial: release.serial,
-                            expires: release.expires,
-                            now,
-                        })
-                    } else {
-                        Ok(verified)
-                    }
-                }
-                Some(Err(e)) => Err(e),
+                Some(verdict) => (verdict.and_then(|v| self.still_valid(v)), None),
                 None => return Outcome::NoRelease,
             },
-            Ok(Polled::Release(fetched)) => self.verify(&fetched),
+            Ok(Polled::Release(fetched)) => {
+                let verdict = self.verify(&fetched).map(Arc::new);
+                self.last_verdict = Some(verdict.clone());
+                (verdict, Some(fetched.freshness))
+            }
             Err(e) => {
                 return self.fail(
                     e.code(),
@@ -508,20 +504,109 @@ impl Agent {
                 )
             }
         };
-        self.last_verdict = Some(verdict.clone());
+        let verdict = match verdict {
+            Ok(verified) => match self.freshness(&verified, statement).await {
+                Ok(fresh) => Ok((verified, fresh)),
+                Err(Ok(e)) => Err(e),
+                Err(Err(outcome)) => return outcome,
+            },
+            Err(e) => Err(e),
+        };
         match verdict {
-            Ok(verified) => {
-                self.accept(&verified);
+            Ok((verified, fresh)) => {
+                self.accept(&verified, fresh);
                 self.decide(verified).await
             }
             Err(e) => {
-                if e.code() == "signature_invalid" {
-                    // Maybe caught between the writes of the two files: fetch all next time.
+                if matches!(
+                    e.code(),
+                    "signature_invalid" | "freshness_mismatch" | "freshness_untrusted"
+                ) {
+                    // Maybe caught between the writes of two files: fetch all next time.
                     self.channel.forget();
                 }
                 self.refuse(e.code(), e.to_string(), None)
             }
         }
+    }
+
+    /// A release verified at an earlier poll, judged again for the passing of time: its own
+    /// expiry (when freshness statements do not replace it).
+    fn still_valid(
+        &self,
+        verified: Arc<VerifiedRelease>,
+    ) -> Result<Arc<VerifiedRelease>, VerifyError> {
+        let now = now(self.state.time_floor);
+        let release = verified.release();
+        if self.config.freshness.is_none() && now >= release.expires {
+            return Err(VerifyError::Expired {
+                serial: release.serial,
+                expires: release.expires,
+                now,
+            });
+        }
+        Ok(verified)
+    }
+
+    /// The freshness statement for a verified release, when the host trusts freshness keys
+    /// (`Ok(None)` when it does not). `statement` is what the poll brought with a changed
+    /// release; for an unchanged one the statement known is kept while young, and asked for
+    /// again once it lived half its life. A refusal is `Err(Ok(reason))`; a channel that
+    /// cannot be read while no valid statement is known, `Err(Err(outcome))`.
+    async fn freshness(
+        &mut self,
+        verified: &VerifiedRelease,
+        statement: Option<Option<FetchedFreshness>>,
+    ) -> Result<Option<Fresh>, Result<VerifyError, Outcome>> {
+        let Some(keys) = self.config.freshness.clone() else {
+            return Ok(None);
+        };
+        let now = now(self.state.time_floor);
+        let check = |statement: &Option<FetchedFreshness>| {
+            release::verify_freshness(FetchedFreshness::as_pair(statement), &keys, verified, now)
+        };
+        let known = match &self.last_fresh {
+            Some(Ok(fresh)) if now < fresh.expires => Some(*fresh),
+            _ => None,
+        };
+        let verdict = match statement {
+            Some(statement) => check(&statement),
+            None => match known {
+                Some(fresh) if !fresh.is_aging(now) => Ok(fresh),
+                _ => match self.channel.poll_freshness().await {
+                    Ok(FreshnessPolled::Statement(statement)) => check(&statement),
+                    Ok(FreshnessPolled::Unchanged) => match self.last_fresh.clone() {
+                        Some(Ok(fresh)) if now >= fresh.expires => {
+                            Err(VerifyError::FreshnessExpired {
+                                serial: verified.serial(),
+                                expires: fresh.expires,
+                                now,
+                            })
+                        }
+                        Some(verdict) => verdict,
+                        None => Err(VerifyError::FreshnessMissing {
+                            serial: verified.serial(),
+                        }),
+                    },
+                    // A statement still valid stands while the channel cannot be read.
+                    Err(e) => match known {
+                        Some(fresh) => Ok(fresh),
+                        None => {
+                            return Err(Err(self.fail(
+                                e.code(),
+                                format!(
+                                    "cannot poll the freshness statement of {}: {e}",
+                                    self.config.channel
+                                ),
+                                None,
+                            )))
+                        }
+                    },
+                },
+            },
+        };
+        self.last_fresh = Some(verdict.clone());
+        verdict.map(Some).map_err(Ok)
     }
 
     fn verify(&self, fetched: &Fetched) -> Result<VerifiedRelease, VerifyError> {
@@ -535,6 +620,7 @@ impl Agent {
             fleet: self.config.fleet.clone(),
             now: now(self.state.time_floor),
             floor,
+            own_expiry: self.config.freshness.is_none(),
         };
         release::verify(
             &fetched.document,
@@ -553,15 +639,19 @@ impl Agent {
         }
     }
 
-    /// Raises the serial floor and the time floor to a verified release.
-    fn accept(&mut self, verified: &VerifiedRelease) {
+    /// Raises the serial floor and the time floor to a verified release (and its freshness
+    /// statement).
+    fn accept(&mut self, verified: &VerifiedRelease, fresh: Option<Fresh>) {
         let release = verified.release();
+        let issued_at = release
+            .issued_at
+            .max(fresh.map_or(0, |fresh| fresh.issued_at));
         let newer = self
             .state
             .accepted
             .as_ref()
             .is_none_or(|a| a.serial < release.serial);
-        let later = release.issued_at > self.state.time_floor;
+        let later = issued_at > self.state.time_floor;
         if newer {
             log::info!(serial = release.serial.to_string().as_str(); "accepted release {} signed by {}", release.serial, verified.signed_by().join(", "));
             self.state.accepted = Some(AcceptedRelease {
@@ -571,7 +661,7 @@ impl Agent {
             });
         }
         if later {
-            self.state.time_floor = release.issued_at;
+            self.state.time_floor = issued_at;
         }
         if newer || later {
             if let Err(e) = self.save() {
@@ -594,7 +684,7 @@ impl Agent {
     }
 
     /// Decides what a verified release means for this host, and applies it when needed.
-    async fn decide(&mut self, verified: VerifiedRelease) -> Outcome {
+    async fn decide(&mut self, verified: Arc<VerifiedRelease>) -> Outcome {
         let serial = verified.serial();
         let entry = match verified.host(&self.config.host) {
             Ok(entry) => entry.clone(),

@@ -13,6 +13,7 @@
 //! `docs/release-format.md` is the full description; this module is its implementation.
 
 mod document;
+mod freshness;
 mod keys;
 mod signatures;
 mod verify;
@@ -22,6 +23,10 @@ mod tests;
 
 pub use document::{
     is_valid_name, HostEntry, Release, Source, StorePath, FORMAT_VERSION, MAX_HOSTS,
+};
+pub use freshness::{
+    freshness_message, verify_freshness, Fresh, Statement, FRESHNESS_DOMAIN, FRESHNESS_FILE,
+    FRESHNESS_SIGNATURE_FILE, MAX_FRESHNESS_BYTES, MAX_FRESHNESS_LIFETIME,
 };
 pub use keys::{KeyError, PublicKey, SecretKey};
 pub use signatures::{Signature, SignatureFile};

@@ -48,13 +48,17 @@ impl Signature {
 impl SignatureFile {
     /// Signs `document` with each key: the signature file `fleet-sign release` writes.
     pub fn sign(document: &[u8], keys: &[&super::SecretKey]) -> Self {
-        let message = super::signed_message(document);
+        Self::sign_message(&super::signed_message(document), keys)
+    }
+
+    /// Signs a message that already holds its domain prefix.
+    pub fn sign_message(message: &[u8], keys: &[&super::SecretKey]) -> Self {
         Self {
             signatures: keys
                 .iter()
                 .map(|key| Signature {
                     key_name: key.name().to_owned(),
-                    bytes: key.sign(&message),
+                    bytes: key.sign(message),
                 })
                 .collect(),
             junk_lines: 0,

@@ -53,6 +53,7 @@ fn context() -> VerifyContext {
         fleet: "home".into(),
         now: NOW,
         floor: None,
+        own_expiry: true,
     }
 }
 
@@ -159,6 +160,7 @@ fn context_rows() {
         fleet: fleet.into(),
         now,
         floor,
+        own_expiry: true,
     };
     #[rustfmt::skip]
     let rows: Vec<(&str, VerifyContext, &str)> = vec![
@@ -305,4 +307,183 @@ fn verifies_ten_thousand_hosts() {
     let doc = serde_json::to_vec(&big).unwrap();
     let verified = verify(&doc, &sign(&doc, &[&k1]), &trust(&[&k1], 1), &context()).unwrap();
     assert_eq!(verified.release().hosts.len(), 10_001);
+}
+
+/// A freshness statement for `document` (serial `serial`), valid from `issued` to `expires`,
+/// signed by `keys` over the freshness domain.
+fn statement(
+    document: &[u8],
+    serial: u64,
+    issued: u64,
+    expires: u64,
+    keys: &[&SecretKey],
+) -> (Vec<u8>, Vec<u8>) {
+    Statement {
+        format: 1,
+        fleet: "home".into(),
+        serial,
+        release: Digest::of(document).to_string(),
+        issued_at: issued,
+        expires,
+    }
+    .sign(keys)
+}
+
+#[test]
+fn freshness_rows() {
+    let (k1, fresh_key) = (key("ops1", 1), key("fresh", 3));
+    let keys = trust(&[&fresh_key], 1);
+    let doc = document(5);
+    let mut context = context();
+    context.own_expiry = false;
+    // Long expired by its own expiry: with freshness keys only the statement's counts.
+    let mut old = release(5);
+    old.issued_at = NOW - 100 * 86_400;
+    old.expires = NOW - 60 * 86_400;
+    let old_doc = serde_json::to_vec_pretty(&old).unwrap();
+    let verified = verify(
+        &old_doc,
+        &sign(&old_doc, &[&k1]),
+        &trust(&[&k1], 1),
+        &context,
+    )
+    .expect("the release's own expiry does not count");
+    let (s, g) = statement(&old_doc, 5, NOW - 60, NOW + 600, &[&fresh_key]);
+    let fresh = verify_freshness(Some((&s, &g)), &keys, &verified, NOW).unwrap();
+    assert_eq!((fresh.issued_at, fresh.expires), (NOW - 60, NOW + 600));
+    assert!(!fresh.is_aging(NOW));
+    assert!(fresh.is_aging(NOW + 270));
+
+    let check = |(s, g): (Vec<u8>, Vec<u8>)| match verify_freshness(
+        Some((&s, &g)),
+        &keys,
+        &verified,
+        NOW,
+    ) {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    let other_release = document(4);
+    let (s, g) = statement(&old_doc, 5, NOW - 60, NOW + 600, &[&fresh_key]);
+    let mut tampered = s.clone();
+    let at = tampered.len() - 5;
+    tampered[at] = if tampered[at] == b'1' { b'2' } else { b'1' };
+    type Signed = (Vec<u8>, Vec<u8>);
+    let rows: Vec<(&str, Signed, &str)> = vec![
+        ("valid", (s.clone(), g.clone()), "ok"),
+        (
+            "for another release's bytes",
+            statement(&other_release, 5, NOW - 60, NOW + 600, &[&fresh_key]),
+            "freshness_mismatch",
+        ),
+        (
+            "for another serial",
+            statement(&old_doc, 4, NOW - 60, NOW + 600, &[&fresh_key]),
+            "freshness_mismatch",
+        ),
+        (
+            "expired",
+            statement(&old_doc, 5, NOW - 7200, NOW - 3600, &[&fresh_key]),
+            "expired",
+        ),
+        (
+            "signed by a release key",
+            statement(&old_doc, 5, NOW - 60, NOW + 600, &[&k1]),
+            "freshness_untrusted",
+        ),
+        (
+            "a release signature over the statement (release domain)",
+            (s.clone(), sign(&s, &[&fresh_key])),
+            "freshness_untrusted",
+        ),
+        ("tampered", (tampered, g.clone()), "freshness_untrusted"),
+        ("unsigned", (s.clone(), Vec::new()), "freshness_untrusted"),
+        (
+            "longer than 31 days",
+            statement(&old_doc, 5, NOW - 60, NOW + 32 * 86_400, &[&fresh_key]),
+            "freshness_invalid",
+        ),
+        (
+            "unknown field",
+            {
+                let text = String::from_utf8(s.clone()).unwrap();
+                let s = text
+                    .replacen("\"format\": 1,", "\"format\": 1, \"toplevel\": \"x\",", 1)
+                    .into_bytes();
+                let g = SignatureFile::sign_message(&freshness_message(&s), &[&fresh_key])
+                    .render()
+                    .into_bytes();
+                (s, g)
+            },
+            "freshness_invalid",
+        ),
+    ];
+    for (what, pair, expected) in rows {
+        assert_eq!(check(pair), expected, "{what}");
+    }
+    assert_eq!(
+        verify_freshness(None, &keys, &verified, NOW)
+            .unwrap_err()
+            .code(),
+        "freshness_missing"
+    );
+    // Another fleet's statement, even for the same bytes, is not this fleet's.
+    let lab = Statement {
+        format: 1,
+        fleet: "lab".into(),
+        serial: 5,
+        release: Digest::of(&old_doc).to_string(),
+        issued_at: NOW - 60,
+        expires: NOW + 600,
+    }
+    .to_bytes();
+    let g = SignatureFile::sign_message(&freshness_message(&lab), &[&fresh_key])
+        .render()
+        .into_bytes();
+    assert_eq!(
+        verify_freshness(Some((&lab, &g)), &keys, &verified, NOW)
+            .unwrap_err()
+            .code(),
+        "wrong_fleet"
+    );
+    // A freshness key cannot stand in for a release key: the release itself is refused.
+    assert_eq!(
+        code(verify(
+            &doc,
+            &sign(&doc, &[&fresh_key]),
+            &trust(&[&k1], 1),
+            &context
+        )),
+        "signature_untrusted"
+    );
+    // A freshness signature over a release document (the freshness domain) never counts as a
+    // release signature, even by a release key.
+    let cross = SignatureFile::sign_message(&freshness_message(&doc), &[&k1])
+        .render()
+        .into_bytes();
+    assert_eq!(
+        code(verify(&doc, &cross, &trust(&[&k1], 1), &context)),
+        "signature_invalid"
+    );
+}
+
+#[test]
+fn an_expired_statement_says_how_long_ago() {
+    let (k1, fresh_key) = (key("ops1", 1), key("fresh", 3));
+    let doc = document(5);
+    let verified = verify(&doc, &sign(&doc, &[&k1]), &trust(&[&k1], 1), &context()).unwrap();
+    let (s, g) = statement(
+        &doc,
+        5,
+        NOW - 10 * 86_400,
+        NOW - 3 * 86_400 - 7200,
+        &[&fresh_key],
+    );
+    let error =
+        verify_freshness(Some((&s, &g)), &trust(&[&fresh_key], 1), &verified, NOW).unwrap_err();
+    assert_eq!(error.code(), "expired");
+    assert!(
+        error.to_string().contains("expired at") && error.to_string().contains("3days 2h ago"),
+        "{error}"
+    );
 }

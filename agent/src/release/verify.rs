@@ -101,6 +101,9 @@ pub struct VerifyContext {
     pub now: u64,
     /// The highest release accepted before, if any.
     pub floor: Option<Accepted>,
+    /// Whether the release's own `expires` counts. False when the host trusts freshness keys:
+    /// then a freshness statement's expiry replaces it (see [`super::freshness`]).
+    pub own_expiry: bool,
 }
 
 /// A release whose signatures, fleet, expiry and serial have been checked.
@@ -169,8 +172,9 @@ pub enum VerifyError {
     #[error("release is for fleet '{got}' but this host belongs to fleet '{expected}': refusing")]
     WrongFleet { expected: String, got: String },
     #[error(
-        "release serial {serial} expired at {expires} (now is {now}, Unix seconds): refusing \
-         (sign a new release)"
+        "release serial {serial} expired at {expires}, {} ago (now is {now}, Unix seconds): \
+         refusing (sign a new release)",
+        ago(*.now, *.expires)
     )]
     Expired { serial: u64, expires: u64, now: u64 },
     #[error(
@@ -189,6 +193,53 @@ pub enum VerifyError {
     },
     #[error("release serial {serial} has no entry for host '{host}'")]
     NoEntryForHost { host: String, serial: u64 },
+    #[error(
+        "release serial {serial} has no freshness statement ({}): refusing until one is \
+         published (fleet-sign refresh)",
+        super::FRESHNESS_FILE
+    )]
+    FreshnessMissing { serial: u64 },
+    #[error("the freshness statement is unusable: {0}")]
+    FreshnessInvalid(String),
+    #[error(
+        "the freshness statement has {valid} valid signature(s) from trusted freshness keys, \
+         {threshold} needed{}",
+        describe_rejected(.rejected, *.junk_lines)
+    )]
+    FreshnessUntrusted {
+        valid: usize,
+        threshold: usize,
+        rejected: Vec<(String, &'static str)>,
+        junk_lines: usize,
+    },
+    #[error(
+        "the freshness statement is for release serial {stated_serial} ({stated}), the channel \
+         holds serial {serial} ({got}): refusing until a statement for this release is published"
+    )]
+    FreshnessMismatch {
+        serial: u64,
+        got: Digest,
+        stated_serial: u64,
+        stated: Digest,
+    },
+    #[error(
+        "release serial {serial} is no longer fresh: its freshness statement expired at \
+         {expires}, {} ago (now is {now}, Unix seconds): refusing (run fleet-sign refresh)",
+        ago(*.now, *.expires)
+    )]
+    FreshnessExpired { serial: u64, expires: u64, now: u64 },
+}
+
+/// How long ago `then` was, for a person: "3days 2h".
+fn ago(now: u64, then: u64) -> String {
+    let seconds = now.saturating_sub(then);
+    // Whole minutes once it is over an hour: seconds there are noise.
+    let rounded = if seconds >= 3600 {
+        seconds - seconds % 60
+    } else {
+        seconds
+    };
+    humantime::format_duration(std::time::Duration::from_secs(rounded)).to_string()
 }
 
 fn describe_rejected(rejected: &[(String, &'static str)], junk: usize) -> String {
@@ -243,6 +294,11 @@ impl VerifyError {
             Self::SerialTooLow { .. } => "serial_too_low",
             Self::SerialReused { .. } => "serial_reused",
             Self::NoEntryForHost { .. } => "no_host_entry",
+            Self::FreshnessMissing { .. } => "freshness_missing",
+            Self::FreshnessInvalid(_) => "freshness_invalid",
+            Self::FreshnessUntrusted { .. } => "freshness_untrusted",
+            Self::FreshnessMismatch { .. } => "freshness_mismatch",
+            Self::FreshnessExpired { .. } => "expired",
         }
     }
 }
@@ -262,7 +318,7 @@ pub fn verify(
     }
     let signatures =
         SignatureFile::parse(signature_file).map_err(VerifyError::SignatureFileMalformed)?;
-    let signed_by = check_signatures(document, &signatures, trust)?;
+    let signed_by = check_signatures(&signed_message(document), &signatures, trust)?;
 
     let release: Release = serde_json::from_slice(document).map_err(|e| {
         // A newer format has fields this build does not know: say so rather than "unknown field".
@@ -287,7 +343,7 @@ pub fn verify(
             got: release.fleet,
         });
     }
-    if context.now >= release.expires {
+    if context.own_expiry && context.now >= release.expires {
         return Err(VerifyError::Expired {
             serial: release.serial,
             expires: release.expires,
@@ -319,12 +375,11 @@ pub fn verify(
 
 /// Counts valid signatures by distinct trusted keys; returns their names once the threshold is
 /// met.
-fn check_signatures(
-    document: &[u8],
+pub(super) fn check_signatures(
+    message: &[u8],
     file: &SignatureFile,
     trust: &TrustPolicy,
 ) -> Result<Vec<String>, VerifyError> {
-    let message = signed_message(document);
     let mut counted: Vec<String> = Vec::new();
     let mut rejected = Vec::new();
     for signature in &file.signatures {
@@ -332,7 +387,7 @@ fn check_signatures(
         let why = match trust.keys.iter().find(|k| k.name() == name) {
             None => WHY_UNTRUSTED,
             Some(_) if counted.contains(name) => WHY_DUPLICATE,
-            Some(key) if key.verify(&message, &signature.bytes) => {
+            Some(key) if key.verify(message, &signature.bytes) => {
                 counted.push(name.clone());
                 continue;
             }

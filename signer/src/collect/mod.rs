@@ -14,7 +14,7 @@ pub mod view;
 use anyhow::Result;
 use db::{Db, Stored};
 use fleet_agent::release::{
-    self, Accepted, PublicKey, TrustPolicy, VerifiedRelease, VerifyContext, VerifyError,
+    self, Accepted, Fresh, PublicKey, TrustPolicy, VerifiedRelease, VerifyContext, VerifyError,
 };
 use fleet_agent::report::wire::check_signature;
 use fleet_agent::report::{Report, ReportRejection};
@@ -76,6 +76,10 @@ struct Bucket {
 pub struct Collector {
     fleet: String,
     trust: TrustPolicy,
+    /// The freshness keys hosts trust, when the fleet uses freshness statements.
+    freshness: Option<TrustPolicy>,
+    /// The valid freshness statement for the known release, as last read from the channel.
+    fresh: RwLock<Option<Fresh>>,
     db: Mutex<Db>,
     known: RwLock<Option<Arc<Known>>>,
     buckets: Mutex<HashMap<String, Bucket>>,
@@ -85,11 +89,18 @@ pub struct Collector {
 
 impl Collector {
     /// Opens the collector on its database, adopting the release stored there (if any).
-    pub fn new(fleet: String, trust: TrustPolicy, db: Db) -> Result<Self> {
+    pub fn new(
+        fleet: String,
+        trust: TrustPolicy,
+        freshness: Option<TrustPolicy>,
+        db: Db,
+    ) -> Result<Self> {
         let stored = db.release()?;
         let collector = Self {
             fleet,
             trust,
+            freshness,
+            fresh: RwLock::new(None),
             db: Mutex::new(db),
             known: RwLock::new(None),
             buckets: Mutex::new(HashMap::new()),
@@ -114,6 +125,37 @@ impl Collector {
             .clone()
     }
 
+    /// Whether the fleet uses freshness statements.
+    pub fn uses_freshness(&self) -> bool {
+        self.freshness.is_some()
+    }
+
+    /// The freshness statement last read for the known release, when valid.
+    pub fn fresh(&self) -> Option<Fresh> {
+        *self
+            .fresh
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Checks the channel's freshness statement against the known release and keeps it when
+    /// valid (`now`: the collector's clock); returns why not otherwise.
+    pub fn check_freshness(
+        &self,
+        statement: Option<(&[u8], &[u8])>,
+        now: u64,
+    ) -> Result<(), VerifyError> {
+        let (Some(keys), Some(known)) = (&self.freshness, self.known()) else {
+            return Ok(());
+        };
+        let verdict = release::verify_freshness(statement, keys, &known.verified, now);
+        *self
+            .fresh
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = verdict.as_ref().ok().copied();
+        verdict.map(drop)
+    }
+
     /// Takes a release from the channel if it verifies and is not older than the one known.
     /// Returns whether it is new. An expired release still names the hosts' keys: the hosts are
     /// reporting the expiry, and those reports must arrive.
@@ -126,6 +168,7 @@ impl Collector {
             fleet: self.fleet.clone(),
             now: 0,
             floor,
+            own_expiry: false,
         };
         let verified = release::verify(document, signatures, &self.trust, &context)?;
         if verified.is_same_as(floor) {

@@ -39,6 +39,30 @@ pub struct ReleaseView {
     pub serial: u64,
     pub issued_at: u64,
     pub expires: u64,
+    /// Whether hosts need a freshness statement (whose expiry then replaces `expires`).
+    #[serde(default)]
+    pub uses_freshness: bool,
+    /// The valid freshness statement's times, when there is one.
+    #[serde(default)]
+    pub fresh: Option<FreshView>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct FreshView {
+    pub issued_at: u64,
+    pub expires: u64,
+}
+
+impl ReleaseView {
+    /// When hosts start refusing the release: the statement's expiry when freshness is used
+    /// (none valid: already), else the release's own. Returns (issued, expires).
+    pub fn valid_window(&self) -> (u64, u64) {
+        match (self.uses_freshness, self.fresh) {
+            (false, _) => (self.issued_at, self.expires),
+            (true, Some(fresh)) => (fresh.issued_at, fresh.expires),
+            (true, None) => (0, 0),
+        }
+    }
 }
 
 /// How a host is doing, from its latest report and what the release wants:
@@ -103,6 +127,11 @@ pub fn fleet_view(collector: &Collector, now: u64) -> Result<FleetView> {
                 serial: release.serial,
                 issued_at: release.issued_at,
                 expires: release.expires,
+                uses_freshness: collector.uses_freshness(),
+                fresh: collector.fresh().map(|f| FreshView {
+                    issued_at: f.issued_at,
+                    expires: f.expires,
+                }),
             }
         }),
         now,
@@ -133,6 +162,13 @@ pub fn metrics(collector: &Collector, now: u64) -> Result<String> {
             "gauge",
             "Serial of the newest verified release.",
             vec![(String::new(), release.serial as f64)],
+        );
+        family(
+            "fleet_release_valid_until_timestamp_seconds",
+            "gauge",
+            "When hosts start refusing the newest release as expired: its freshness statement's \
+             expiry when the fleet uses freshness keys (0: no valid statement), else its own.",
+            vec![(String::new(), release.valid_window().1 as f64)],
         );
     }
     let per_host = |f: &dyn Fn(&HostView) -> Option<f64>| -> Vec<(String, f64)> {

@@ -32,6 +32,11 @@ pub struct Args {
     /// How many trusted keys must have signed (default: from the config, else 1).
     #[arg(long)]
     threshold: Option<usize>,
+    /// A freshness key hosts trust, inline or a file; repeat for several (default: [freshness]
+    /// keys from the config). The fleet view and metrics then show when the release's
+    /// freshness statement expires.
+    #[arg(long = "freshness-key")]
+    freshness_keys: Vec<String>,
     /// The fleet (default: from the config).
     #[arg(long)]
     fleet: Option<String>,
@@ -79,7 +84,12 @@ pub fn run(args: Args) -> Result<()> {
         .unwrap_or_else(|| "127.0.0.1:9400".into());
 
     let db = Db::open(&database, args.history)?;
-    let collector = Arc::new(Collector::new(fleet, trust, db)?);
+    let collector = Arc::new(Collector::new(
+        fleet,
+        trust,
+        super::verify::freshness_policy(&args.freshness_keys, &config)?,
+        db,
+    )?);
     let server = tiny_http::Server::http(&listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let address = server
@@ -109,10 +119,17 @@ pub fn run(args: Args) -> Result<()> {
 
 /// Reads the channel and adopts a newer release; keeps the known one on any failure.
 fn refresh(collector: &Collector, channel: &Channel) {
-    match channel.read() {
+    let read = match collector.uses_freshness() {
+        true => channel.read_with_freshness(),
+        false => channel.read(),
+    };
+    match read {
         Ok(Some(published)) => {
             if let Err(e) = collector.adopt(&published.document, &published.signatures) {
                 log::warn!(code = e.code(); "the release in {channel} is refused, keeping the one known: {e}");
+            }
+            if let Err(e) = collector.check_freshness(published.freshness(), super::now()) {
+                log::warn!(code = e.code(); "hosts refuse the release in {channel}: {e}");
             }
         }
         Ok(None) => log::warn!("{channel} holds no release yet"),

@@ -2,6 +2,7 @@
 
 pub mod collect;
 pub mod keygen;
+pub mod refresh;
 pub mod release;
 pub mod sign;
 pub mod status;

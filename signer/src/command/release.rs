@@ -78,6 +78,10 @@ pub struct Args {
     /// `fleet-sign sign`, and hosts take the release once it reaches their threshold.
     #[arg(long)]
     cosign: bool,
+    /// The secret freshness key: a freshness statement for the new release is published with
+    /// it (default: [freshness] key from the config).
+    #[arg(long)]
+    freshness_key: Option<PathBuf>,
     /// Config file (default: ./fleet.toml if present).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -102,6 +106,17 @@ struct Settings {
     validity: Duration,
     groups: BTreeMap<String, Vec<String>>,
     hosts: BTreeMap<String, RawHost>,
+    freshness: Freshness,
+}
+
+/// What the release does about freshness statements.
+enum Freshness {
+    /// The fleet uses none.
+    Unused,
+    /// Sign one with this key and lifetime, published with the release.
+    Sign(Box<SecretKey>, u64),
+    /// Hosts need one, but the key is elsewhere (a CI job's `fleet-sign refresh`).
+    Elsewhere,
 }
 
 fn settings(args: &Args, config: Loaded) -> Result<Settings> {
@@ -167,7 +182,26 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
     } else {
         args.substituters.clone()
     };
+    let freshness_key = match &args.freshness_key {
+        Some(path) => Some(keyfile::read_secret(path)?),
+        None => config.freshness_key()?,
+    };
+    let freshness = match (freshness_key, config.freshness_policy()?) {
+        (Some(key), _) => {
+            if trust.keys().contains(&key.public()) {
+                return Err(crate::usage(format!(
+                    "freshness key '{}' is a release key: the freshness role needs a key of its \
+                     own",
+                    key.name()
+                )));
+            }
+            Freshness::Sign(Box::new(key), config.freshness_lifetime(None)?)
+        }
+        (None, Some(_)) => Freshness::Elsewhere,
+        (None, None) => Freshness::Unused,
+    };
     Ok(Settings {
+        freshness,
         fleet,
         flake,
         keys,
@@ -290,6 +324,7 @@ fn current_release(settings: &Settings) -> Result<Current> {
             fleet: settings.fleet.clone(),
             now: 0,
             floor: None,
+            own_expiry: false,
         };
         let verified = release::verify(
             &published.document,
@@ -580,12 +615,13 @@ pub fn run(args: Args) -> Result<()> {
     bytes.push(b'\n');
     let keys: Vec<&SecretKey> = settings.keys.iter().collect();
     let signatures = SignatureFile::sign(&bytes, &keys);
-    let published = Published {
+    let mut published = Published {
         document: bytes,
         signatures: signatures.render().into_bytes(),
+        freshness: None,
     };
     // Check the result exactly as a host would before anyone can see it.
-    release::verify(
+    let verified = release::verify(
         &published.document,
         &published.signatures,
         &settings.self_check,
@@ -593,9 +629,24 @@ pub fn run(args: Args) -> Result<()> {
             fleet: settings.fleet.clone(),
             now: started,
             floor: previous.as_ref().map(|(_, a)| *a),
+            own_expiry: true,
         },
     )
     .context("the new release does not verify: nothing was published")?;
+    let mut fresh_until = None;
+    match &settings.freshness {
+        Freshness::Sign(key, lifetime) => {
+            published.freshness = Some(super::refresh::sign_statement(
+                &verified, key, started, *lifetime,
+            ));
+            fresh_until = Some(started + lifetime);
+        }
+        Freshness::Elsewhere => eprintln!(
+            "note: hosts that trust freshness keys take release {serial} once `fleet-sign \
+             refresh` publishes a freshness statement for it ([freshness] key is not set here)"
+        ),
+        Freshness::Unused => {}
+    }
 
     let commit_message = format!(
         "fleet {} release {serial}\n\nsource: {} at {}\nhosts: {}\n",
@@ -635,17 +686,25 @@ pub fn run(args: Args) -> Result<()> {
             "fleet": settings.fleet,
             "serial": serial,
             "expires": document.expires,
+            "fresh_until": fresh_until,
             "digest": release::Digest::of(&published.document).to_string(),
             "channels": published_to,
             "built": hosts,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!(
-            "release {serial} of fleet '{}', valid until {}",
-            settings.fleet,
-            rfc3339(document.expires)
-        );
+        match fresh_until {
+            Some(until) => println!(
+                "release {serial} of fleet '{}', fresh until {} (renew with fleet-sign refresh)",
+                settings.fleet,
+                rfc3339(until)
+            ),
+            None => println!(
+                "release {serial} of fleet '{}', valid until {}",
+                settings.fleet,
+                rfc3339(document.expires)
+            ),
+        }
         println!("{:<20} {:<72} {:>10}", "HOST", "STORE PATH", "CLOSURE");
         for (host, path, size) in &rows {
             println!("{host:<20} {path:<72} {:>10}", human_size(*size));

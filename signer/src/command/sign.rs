@@ -37,7 +37,7 @@ pub fn run(args: Args) -> Result<()> {
         ));
     };
     let current = first
-        .read()
+        .read_with_freshness()
         .with_context(|| format!("could not read the release from {first}"))?
         .ok_or_else(|| crate::usage(format!("{first} holds no release to sign")))?;
     for channel in &channels[1..] {
@@ -114,9 +114,11 @@ pub fn run(args: Args) -> Result<()> {
             "the release would carry more than {MAX_SIGNATURES} signatures"
         )));
     }
+    // The statement names the document, not its signatures: it stays valid.
     let signed = Published {
         document: current.document.clone(),
         signatures: signatures.render().into_bytes(),
+        freshness: current.freshness.clone(),
     };
     let names: Vec<&str> = keys.iter().map(|k| k.name()).collect();
     let message = format!(
@@ -130,6 +132,7 @@ pub fn run(args: Args) -> Result<()> {
         fleet: document.fleet.clone(),
         now: now(),
         floor: None,
+        own_expiry: true,
     };
     let verdict = release::verify(&signed.document, &signed.signatures, &trust, &context);
     if let Err(e) = &verdict {

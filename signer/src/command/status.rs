@@ -170,7 +170,13 @@ pub fn table(view: &FleetView, stale: Duration, color: bool) -> String {
                 view.fleet,
                 release.serial,
                 super::rfc3339(release.issued_at)
-            )
+            );
+            if let Some(warning) = expiry_warning(release, view.now) {
+                out += &match color {
+                    true => format!("\x1b[33m{warning}\x1b[0m\n"),
+                    false => format!("{warning}\n"),
+                };
+            }
         }
         None => out += &format!("fleet {}: no release known to the collector\n", view.fleet),
     }
@@ -194,4 +200,47 @@ impl Args {
     pub fn json(&self) -> bool {
         self.json
     }
+}
+
+/// A line warning that hosts will soon refuse (or already refuse) the release as expired: when
+/// less than a quarter of its validity (the freshness statement's, when the fleet uses them) is
+/// left.
+pub fn expiry_warning(release: &crate::collect::view::ReleaseView, now: u64) -> Option<String> {
+    let what = if release.uses_freshness {
+        "freshness statement"
+    } else {
+        "release"
+    };
+    let (issued, expires) = release.valid_window();
+    if release.uses_freshness && release.fresh.is_none() {
+        return Some(format!(
+            "warning: release {} has no valid freshness statement: hosts refuse it (run \
+             fleet-sign refresh)",
+            release.serial
+        ));
+    }
+    let left = expires.saturating_sub(now);
+    if left > expires.saturating_sub(issued) / 4 {
+        return None;
+    }
+    let remedy = if release.uses_freshness {
+        "fleet-sign refresh"
+    } else {
+        "a new release"
+    };
+    Some(if left == 0 {
+        format!(
+            "warning: the {what} of release {} expired at {}: hosts refuse it ({remedy})",
+            release.serial,
+            super::rfc3339(expires)
+        )
+    } else {
+        format!(
+            "warning: the {what} of release {} expires at {}, in {}: hosts refuse it after \
+             that ({remedy})",
+            release.serial,
+            super::rfc3339(expires),
+            humantime::format_duration(std::time::Duration::from_secs(left - left % 60))
+        )
+    })
 }

@@ -5,7 +5,7 @@ use crate::channel::Channel;
 use crate::config::Loaded;
 use crate::keyfile;
 use anyhow::{Context as _, Result};
-use fleet_agent::release::{self, PublicKey, TrustPolicy, VerifiedRelease, VerifyContext};
+use fleet_agent::release::{self, Fresh, PublicKey, TrustPolicy, VerifiedRelease, VerifyContext};
 use std::path::PathBuf;
 
 /// Check a published release against trusted keys and show what it holds.
@@ -31,6 +31,11 @@ pub struct Args {
     /// a channel replaying an old release shows from the workstation too.
     #[arg(long)]
     min_serial: Option<u64>,
+    /// A freshness key hosts trust, inline ('name:base64') or a file; repeat for several.
+    /// Default: [freshness] keys from the config. With one, the release also needs a valid
+    /// freshness statement for exactly it, and its own expiry no longer counts.
+    #[arg(long = "freshness-key")]
+    freshness_keys: Vec<String>,
     /// Config file (default: ./fleet.toml if present).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -71,28 +76,55 @@ pub fn trust_policy(
     TrustPolicy::new(public, threshold).map_err(crate::usage)
 }
 
+/// The freshness keys hosts trust, from flags, else from the config; `None`: none.
+pub fn freshness_policy(keys: &[String], config: &Loaded) -> Result<Option<TrustPolicy>> {
+    if keys.is_empty() {
+        return config.freshness_policy();
+    }
+    let keys = keys
+        .iter()
+        .map(|k| keyfile::read_public(k))
+        .collect::<Result<_>>()?;
+    Ok(Some(TrustPolicy::new(keys, 1).map_err(crate::usage)?))
+}
+
 pub fn run(args: Args) -> Result<()> {
     let config = Loaded::load(args.config.as_deref())?;
     let trust = trust_policy(&args.keys, args.threshold, &config)?;
     let channel = crate::config::parse_channel(&args.from)?;
-    let published = channel
-        .read()
-        .with_context(|| format!("could not read the release from {channel}"))?
-        .ok_or_else(|| crate::usage(format!("{channel} holds no release")))?;
+    let freshness = freshness_policy(&args.freshness_keys, &config)?;
+    let published = match freshness {
+        Some(_) => channel.read_with_freshness(),
+        None => channel.read(),
+    }
+    .with_context(|| format!("could not read the release from {channel}"))?
+    .ok_or_else(|| crate::usage(format!("{channel} holds no release")))?;
     let fleet = match args.fleet.or(config.raw.fleet.clone()) {
         Some(fleet) => fleet,
         // Only for naming the fleet in the context: the signatures are still checked first.
-        None => serde_json::from_slice::<serde_json::Value>(&published.document)
-            .ok()
-            .and_then(|v| v.get("fleet")?.as_str().map(str::to_owned))
-            .unwrap_or_default(),
+        None => super::refresh::fleet_of(&published),
     };
+    let now = now();
     let context = VerifyContext {
         fleet,
-        now: now(),
+        now,
         floor: None,
+        own_expiry: freshness.is_none(),
     };
+    let mut fresh = None;
     let result = release::verify(&published.document, &published.signatures, &trust, &context)
+        .and_then(|verified| match &freshness {
+            Some(keys) => {
+                fresh = Some(release::verify_freshness(
+                    published.freshness(),
+                    keys,
+                    &verified,
+                    now,
+                )?);
+                Ok(verified)
+            }
+            None => Ok(verified),
+        })
         .and_then(|verified| match &args.host {
             Some(host) => verified.host(host).map(|_| verified.clone()),
             None => Ok(verified),
@@ -107,9 +139,12 @@ pub fn run(args: Args) -> Result<()> {
     match result {
         Ok(verified) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&to_json(&verified))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&to_json(&verified, fresh))?
+                );
             } else {
-                print_text(&channel, &verified);
+                print_text(&channel, &verified, fresh);
             }
             Ok(())
         }
@@ -120,16 +155,17 @@ pub fn run(args: Args) -> Result<()> {
     }
 }
 
-fn to_json(verified: &VerifiedRelease) -> serde_json::Value {
+fn to_json(verified: &VerifiedRelease, fresh: Option<Fresh>) -> serde_json::Value {
     serde_json::json!({
         "ok": true,
         "digest": verified.digest().to_string(),
         "signed_by": verified.signed_by(),
+        "fresh_until": fresh.map(|f| f.expires),
         "release": verified.release(),
     })
 }
 
-fn print_text(channel: &Channel, verified: &VerifiedRelease) {
+fn print_text(channel: &Channel, verified: &VerifiedRelease, fresh: Option<Fresh>) {
     let r = verified.release();
     println!(
         "release {} of fleet '{}' from {channel}: valid",
@@ -137,7 +173,14 @@ fn print_text(channel: &Channel, verified: &VerifiedRelease) {
     );
     println!("  signed by   {}", verified.signed_by().join(", "));
     println!("  issued      {}", rfc3339(r.issued_at));
-    println!("  expires     {}", rfc3339(r.expires));
+    match fresh {
+        Some(fresh) => println!(
+            "  fresh until {} (freshness statement; the release's own expiry {} does not count)",
+            rfc3339(fresh.expires),
+            rfc3339(r.expires)
+        ),
+        None => println!("  expires     {}", rfc3339(r.expires)),
+    }
     let commit = r.source.commit.as_deref().unwrap_or("(uncommitted tree)");
     println!("  source      {} at {commit}", r.source.repo);
     println!("  digest      sha256:{}", verified.digest());

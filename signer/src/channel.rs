@@ -259,10 +259,7 @@ fn read_capped(path: &Path, limit: usize) -> Result<Option<Vec<u8>>> {
         .read_to_end(&mut bytes)
         .with_context(|| format!("could not read {}", path.display()))?;
     if bytes.len() > limit {
-        bail!(
-            "{} is larger than the limit of {limit} bytes",
-            path.display()
-        );
+        return Err(too_large(&path.display().to_string(), limit));
     }
     Ok(Some(bytes))
 }
@@ -296,7 +293,7 @@ fn read_http(base: &str, names: &[(&str, usize)]) -> Result<Option<Published>> {
             bail!("fetching {url} failed: HTTP {}", response.status());
         }
         if response.content_length().is_some_and(|n| n > limit as u64) {
-            bail!("{url} is larger than the limit of {limit} bytes");
+            return Err(too_large(&url, limit));
         }
         let mut bytes = Vec::new();
         response
@@ -304,7 +301,7 @@ fn read_http(base: &str, names: &[(&str, usize)]) -> Result<Option<Published>> {
             .read_to_end(&mut bytes)
             .with_context(|| format!("could not read {url}"))?;
         if bytes.len() > limit {
-            bail!("{url} is larger than the limit of {limit} bytes");
+            return Err(too_large(&url, limit));
         }
         Ok(Some(bytes))
     };
@@ -316,6 +313,14 @@ fn read_http(base: &str, names: &[(&str, usize)]) -> Result<Option<Published>> {
         }
     }
     Ok(assemble(files))
+}
+
+/// A file over its limit: refused with the code hosts report for it (`too_large`).
+fn too_large(what: &str, limit: usize) -> anyhow::Error {
+    crate::refusal(
+        "too_large",
+        format!("{what} is larger than the limit of {limit} bytes: refusing (too_large)"),
+    )
 }
 
 /// Writes a file so readers see the old or the new bytes, never a mix: temp file, fsync,

@@ -71,7 +71,13 @@ impl Scratch {
             Err(e) => return Err(e.into()),
         };
         if size > limit {
-            anyhow::bail!("'{name}' in commit {commit} is {size} bytes, the limit is {limit}");
+            return Err(crate::refusal(
+                "too_large",
+                format!(
+                    "'{name}' in commit {commit} is {size} bytes, the limit is {limit}: refusing \
+                     (too_large)"
+                ),
+            ));
         }
         let mut command = git(self.dir.path());
         command.args(["cat-file", "blob", &spec]);

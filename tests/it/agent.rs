@@ -361,8 +361,16 @@ fn idle_git_polls_ask_for_the_one_ref_with_protocol_v2_and_still_see_new_release
 
 #[test]
 fn a_release_published_during_a_health_window_is_still_picked_up() {
+    // Each channel remembers what it saw (HTTP validators, a directory's file identities): the
+    // health check's poll must not make the next real poll miss what appeared meanwhile.
+    for channel in [Channel::Http, Channel::Directory] {
+        release_during_health_window(channel);
+    }
+}
+
+fn release_during_health_window(channel: Channel) {
     let mut fleet = Fleet::new(&["a"]);
-    let host = fleet.host("a", Channel::Http);
+    let host = fleet.host("a", channel);
     fleet.fleet.set("a", |h| h.version = "2".into());
     fleet.fleet.commit("a: v2");
     fleet.release(&[]).ok();
@@ -377,13 +385,14 @@ fn a_release_published_during_a_health_window_is_still_picked_up() {
         .release_with(&[&fleet.release_key], &channels, &["--serial", "2"])
         .ok();
     let v3 = fleet.fleet.build("a");
+    // Published once, in the first round: the window's later rounds poll the channel after it.
     let publish = format!(
-        "cp {0}/release.json {0}/release.json.sig {1}/",
+        "[ -e {0}/published ] || {{ cp {0}/release.json {0}/release.json.sig {1}/ && touch {0}/published; }}",
         staging.display(),
         fleet.channel_dir.display()
     );
     let keys = [fleet.release_public_key()];
-    let url = fleet.channel_url(Channel::Http);
+    let url = fleet.channel_url(channel);
     let check = format!(
         "[[health.checks]]\ntype = \"command\"\ncommand = [\"sh\", \"-c\", \"{publish}\"]\n"
     );
@@ -394,7 +403,7 @@ fn a_release_published_during_a_health_window_is_still_picked_up() {
     );
     let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
     let _daemon = fleet_tests::KillOnDrop(host.agent(&["run"]).stderr(log).spawn().unwrap());
-    fleet_tests::wait_until("the commit of v3", 20, || {
+    fleet_tests::wait_until(&format!("the commit of v3 ({channel:?})"), 20, || {
         host.state_dir.join("state.json").exists() && host.state()["last_good"] == v3.as_str()
     });
     host.assert_on(&v3);

@@ -262,3 +262,85 @@ fn an_idle_daemon_asks_for_the_statement_only_once_it_aged() {
     );
     a.assert_on(&v2);
 }
+
+#[test]
+fn the_collector_and_status_warn_before_the_statement_expires() {
+    let mut fleet = Fleet::new(&["a"]);
+    let _a = fleet.host("a", Channel::Directory);
+    let (fresh_key, fresh_public) = fleet.freshness_key();
+    fleet.fleet.set("a", |h| h.version = "2".into());
+    fleet.fleet.commit("a: 2");
+    fleet
+        .release(&["--freshness-key", &fresh_key.display().to_string()])
+        .ok();
+    let (doc, release) = fleet.published();
+    let collector = fleet_tests::collector::Collector::start_with(
+        &fleet.dir.join("collector.db"),
+        &fleet.channel_dir.display().to_string(),
+        &fleet.release_public_key(),
+        &["--freshness-key", &fresh_public],
+    );
+    let valid_until = || {
+        let (status, body) = collector.get("/metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix("fleet_release_valid_until_timestamp_seconds "))
+            .map(|v| v.parse::<f64>().unwrap() as u64)
+    };
+    let status = || {
+        let mut c = fleet_tests::command("fleet-sign");
+        c.args(["status", "--collector", &collector.url]);
+        c.env("NO_COLOR", "1");
+        let out = fleet_tests::run(c);
+        out.ok();
+        out.stdout
+    };
+    // A week's statement: shown, nothing to warn about.
+    let statement: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fleet.channel_dir.join(FRESHNESS_FILE)).unwrap())
+            .unwrap();
+    let expires = statement["expires"].as_u64().unwrap();
+    fleet_tests::wait_until("the statement read", 10, || valid_until() == Some(expires));
+    let view = collector.fleet();
+    assert_eq!(view["release"]["uses_freshness"], true);
+    assert_eq!(view["release"]["fresh"]["expires"], expires);
+    assert!(!status().contains("warning"), "{}", status());
+
+    // Less than a quarter of its life left: status warns, with the remedy.
+    let now = unix_now();
+    let (s, g) = Fleet::statement(
+        &doc,
+        release.serial,
+        now - 6 * 86_400,
+        now + 3600,
+        &[&fleet.freshness_secret()],
+    );
+    fleet.publish_freshness_raw(&s, &g);
+    fleet_tests::wait_until("the short statement read", 10, || {
+        valid_until() == Some(now + 3600)
+    });
+    let text = status();
+    assert!(
+        text.contains(&format!(
+            "warning: the freshness statement of release {} expires at",
+            release.serial
+        )) && text.contains("(fleet-sign refresh)"),
+        "{text}"
+    );
+
+    // None valid (it names another release): hosts refuse it, and both say so.
+    let (s, g) = Fleet::statement(
+        b"another release",
+        release.serial,
+        now,
+        now + 3600,
+        &[&fleet.freshness_secret()],
+    );
+    fleet.publish_freshness_raw(&s, &g);
+    fleet_tests::wait_until("the mismatch read", 10, || valid_until() == Some(0));
+    let text = status();
+    assert!(
+        text.contains("has no valid freshness statement: hosts refuse it"),
+        "{text}"
+    );
+}

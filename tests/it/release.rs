@@ -208,7 +208,9 @@ fn tampered_channel_is_refused_by_verify_and_by_the_next_release() {
     op.verify(&www.url(), &[]).fails_with(1, "HTTP 500");
     www.set_mode(Mode::Endless);
     op.verify(&www.url(), &[])
-        .fails_with(1, "larger than the limit");
+        .fails_with(2, "larger than the limit");
+    let out = op.verify(&www.url(), &["--json"]);
+    assert_eq!(json(&out)["code"], "too_large", "{out}");
     www.set_mode(Mode::Normal);
     op.verify(&www.url(), &[]).ok();
 }

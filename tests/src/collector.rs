@@ -19,6 +19,8 @@ pub struct Collector {
     pub database: PathBuf,
     from: String,
     key: String,
+    /// More `fleet-sign collect` arguments.
+    extra: Vec<String>,
     process: Option<KillOnDrop>,
 }
 
@@ -26,6 +28,14 @@ impl Collector {
     /// Starts a collector for fleet "home" on a free loopback port.
     pub fn start(database: &Path, from: &str, key: &str) -> Self {
         Self::start_on("127.0.0.1:0", database, from, key)
+    }
+
+    /// Starts a collector on a free loopback port with more `fleet-sign collect` arguments.
+    pub fn start_with(database: &Path, from: &str, key: &str, extra: &[&str]) -> Self {
+        let mut collector = Self::new(None, None, "127.0.0.1:0", database, from, key);
+        collector.extra = extra.iter().map(|a| (*a).to_owned()).collect();
+        collector.restart();
+        collector
     }
 
     /// Starts a collector listening on `listen`.
@@ -52,7 +62,20 @@ impl Collector {
         from: &str,
         key: &str,
     ) -> Self {
-        let mut collector = Self {
+        let mut collector = Self::new(program, netns, listen, database, from, key);
+        collector.restart();
+        collector
+    }
+
+    fn new(
+        program: Option<PathBuf>,
+        netns: Option<&str>,
+        listen: &str,
+        database: &Path,
+        from: &str,
+        key: &str,
+    ) -> Self {
+        Self {
             program,
             netns: netns.map(str::to_owned),
             url: String::new(),
@@ -60,10 +83,9 @@ impl Collector {
             database: database.to_owned(),
             from: from.to_owned(),
             key: key.to_owned(),
+            extra: Vec::new(),
             process: None,
-        };
-        collector.restart();
-        collector
+        }
     }
 
     /// Starts a collector inside network namespace `netns`, on its loopback port 9400. Only
@@ -89,6 +111,7 @@ impl Collector {
             .arg("--database")
             .arg(&self.database)
             .args(["--from", &self.from, "--key", &self.key, "--refresh", "1s"])
+            .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = c.spawn().expect("fleet-sign collect starts");

@@ -207,7 +207,7 @@ impl Channel {
     /// that did not verify: it may have been caught between the writes of its two files).
     pub fn forget(&mut self) {
         match &mut self.kind {
-            Kind::Directory(_) => {}
+            Kind::Directory(c) => c.forget(),
             Kind::Http(c) => c.forget(),
             Kind::Git(c) => c.forget(),
         }
@@ -217,26 +217,27 @@ impl Channel {
     /// The channel's memory is put back afterwards, so a release published during the health
     /// window is still news to the next real poll.
     pub async fn reachable(&mut self) -> Result<(), ChannelError> {
-        match &mut self.kind {
-            Kind::Directory(_) => self.poll().await.map(drop),
-            Kind::Http(c) => {
-                let memory = c.memory();
-                let result = self.poll().await.map(drop);
-                if let Kind::Http(c) = &mut self.kind {
-                    c.restore(memory);
-                }
-                result
-            }
-            Kind::Git(c) => {
-                let memory = c.memory();
-                let result = self.poll().await.map(drop);
-                if let Kind::Git(c) = &mut self.kind {
-                    c.restore(memory);
-                }
-                result
-            }
+        let memory = match &self.kind {
+            Kind::Directory(c) => Memory::Directory(c.memory()),
+            Kind::Http(c) => Memory::Http(c.memory()),
+            Kind::Git(c) => Memory::Git(c.memory()),
+        };
+        let result = self.poll().await.map(drop);
+        match (&mut self.kind, memory) {
+            (Kind::Directory(c), Memory::Directory(m)) => c.restore(m),
+            (Kind::Http(c), Memory::Http(m)) => c.restore(m),
+            (Kind::Git(c), Memory::Git(m)) => c.restore(m),
+            _ => unreachable!("a channel keeps its kind"),
         }
+        result
     }
+}
+
+/// What a channel remembers between polls.
+enum Memory {
+    Directory(dir::Memory),
+    Http((http::Validators, http::Validators)),
+    Git(Option<git2::Oid>),
 }
 
 /// Reads at most `limit` bytes from `reader`; more is an error.

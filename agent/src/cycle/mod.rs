@@ -492,7 +492,9 @@ impl Agent {
                 None => return Outcome::NoRelease,
             },
             Ok(Polled::Release(fetched)) => {
-                let verdict = self.verify(&fetched).map(Arc::new);
+                let verdict = self
+                    .verify(&fetched)
+                    .map(|v| Arc::new(v.only_host(&self.config.host)));
                 self.last_verdict = Some(verdict.clone());
                 (verdict, Some(fetched.freshness))
             }

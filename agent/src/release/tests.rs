@@ -307,6 +307,20 @@ fn verifies_ten_thousand_hosts() {
     let doc = serde_json::to_vec(&big).unwrap();
     let verified = verify(&doc, &sign(&doc, &[&k1]), &trust(&[&k1], 1), &context()).unwrap();
     assert_eq!(verified.release().hosts.len(), 10_001);
+    // What an agent keeps: its own entry only, the rest of the fleet dropped.
+    let digest = verified.digest();
+    let kept = verified.clone().only_host("host-04711");
+    assert_eq!(kept.release().hosts.len(), 1);
+    assert_eq!(kept.digest(), digest);
+    assert_eq!(kept.host("host-04711").unwrap().toplevel.as_str(), TOPLEVEL);
+    assert_eq!(
+        verified
+            .only_host("nobody")
+            .host("nobody")
+            .unwrap_err()
+            .code(),
+        "no_host_entry"
+    );
 }
 
 /// A freshness statement for `document` (serial `serial`), valid from `issued` to `expires`,

@@ -137,6 +137,13 @@ impl VerifiedRelease {
         accepted.is_some_and(|a| a.serial == self.release.serial && a.digest == self.digest)
     }
 
+    /// The same release keeping only `host`'s entry: what an agent holds on to between polls,
+    /// so its memory does not grow with the fleet.
+    pub fn only_host(mut self, host: &str) -> Self {
+        self.release.hosts.retain(|name, _| name == host);
+        self
+    }
+
     /// This host's entry, or an error naming the host.
     pub fn host(&self, name: &str) -> Result<&HostEntry, VerifyError> {
         self.release

@@ -46,6 +46,7 @@ fn main() {
         },
         substituters: vec!["https://cache.example.org".into()],
         hosts: entries,
+        host_tree: None,
     };
     let document = serde_json::to_vec_pretty(&release).unwrap();
     let signatures = SignatureFile::sign(&document, &[&key])

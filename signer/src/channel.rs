@@ -13,8 +13,9 @@ use crate::git;
 use anyhow::{bail, Context as _, Result};
 use fleet_agent::config::ChannelSpec;
 use fleet_agent::release::{
-    DOCUMENT_FILE, FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE, MAX_DOCUMENT_BYTES,
-    MAX_FRESHNESS_BYTES, MAX_SIGNATURE_FILE_BYTES, SIGNATURE_FILE,
+    self, TrustPolicy, VerifiedRelease, VerifyContext, VerifyError, DOCUMENT_FILE, FORMAT_TREE,
+    FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE, HOSTS_FILE, MAX_DOCUMENT_BYTES, MAX_FRESHNESS_BYTES,
+    MAX_HOST_LIST_BYTES, MAX_SIGNATURE_FILE_BYTES, SIGNATURE_FILE,
 };
 use std::fmt;
 use std::io::{Read as _, Write as _};
@@ -35,9 +36,25 @@ pub struct Published {
     pub signatures: Vec<u8>,
     /// The freshness statement and its signatures, when the channel holds one.
     pub freshness: Option<(Vec<u8>, Vec<u8>)>,
+    /// Format 2: `hosts.json`, every entry (read for a format-2 release; written with one).
+    pub hosts: Option<Vec<u8>>,
+    /// Format 2: each host's piece, (path relative to the channel, bytes); written, never read.
+    pub pieces: Vec<(String, Vec<u8>)>,
 }
 
 impl Published {
+    /// Verifies the release as a host would, with every host entry (a format-2 release's from
+    /// `hosts.json`, checked against its signed root): what the workstation and the collector
+    /// work with.
+    pub fn verify(
+        &self,
+        trust: &TrustPolicy,
+        context: &VerifyContext,
+    ) -> std::result::Result<VerifiedRelease, VerifyError> {
+        release::verify(&self.document, &self.signatures, trust, context)?
+            .with_all_hosts(self.hosts.as_deref())
+    }
+
     /// The freshness statement in the form `verify_freshness` takes.
     pub fn freshness(&self) -> Option<(&[u8], &[u8])> {
         self.freshness
@@ -68,6 +85,8 @@ fn assemble(files: [Option<Vec<u8>>; 4]) -> Option<Published> {
         document: document?,
         signatures: signatures.unwrap_or_default(),
         freshness: statement.map(|s| (s, statement_signatures.unwrap_or_default())),
+        hosts: None,
+        pieces: Vec::new(),
     })
 }
 
@@ -105,16 +124,33 @@ impl Channel {
     }
 
     fn read_files(&self, files: Files) -> Result<Option<Published>> {
-        let files = &FILES[..files as usize];
+        let mut names = FILES[..files as usize].to_vec();
+        // A format-2 root names its hosts in hosts.json: read it too (the verifier checks it
+        // against the signed root). Known only after reading the root, so it comes last.
+        names.push((HOSTS_FILE, MAX_HOST_LIST_BYTES));
+        let wants_hosts = |document: &[u8]| {
+            #[derive(serde::Deserialize)]
+            struct Probe {
+                format: u32,
+            }
+            serde_json::from_slice::<Probe>(document).is_ok_and(|p| p.format == FORMAT_TREE)
+        };
         match &self.0 {
-            ChannelSpec::Directory(dir) => read_directory(dir, files),
-            ChannelSpec::Http(base) => read_http(base, files),
+            ChannelSpec::Directory(dir) => read_directory(dir, &names, wants_hosts),
+            ChannelSpec::Http(base) => read_http(base, &names, wants_hosts),
             ChannelSpec::Git { url, refname } => {
                 let scratch = git::Scratch::new()?;
                 let Some(tip) = scratch.fetch_tip(url, refname)? else {
                     return Ok(None);
                 };
-                Ok(Some(read_commit(&scratch, &tip, url, refname, files)?))
+                Ok(Some(read_commit(
+                    &scratch,
+                    &tip,
+                    url,
+                    refname,
+                    &names,
+                    wants_hosts,
+                )?))
             }
         }
     }
@@ -126,6 +162,13 @@ impl Channel {
             ChannelSpec::Directory(dir) => {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("could not create directory {}", dir.display()))?;
+                // Format 2: the pieces and the list first, so a host that sees the new root
+                // finds its piece.
+                write_pieces(dir, &release.pieces)?;
+                match &release.hosts {
+                    Some(list) => write_atomic(&dir.join(HOSTS_FILE), list)?,
+                    None => remove_if_present(&dir.join(HOSTS_FILE))?,
+                }
                 write_atomic(&dir.join(DOCUMENT_FILE), &release.document)?;
                 write_atomic(&dir.join(SIGNATURE_FILE), &release.signatures)?;
                 match &release.freshness {
@@ -136,6 +179,7 @@ impl Channel {
                         }
                     }
                 }
+                prune_pieces(dir, &release.pieces)?;
                 Ok(dir.display().to_string())
             }
             ChannelSpec::Http(url) => bail!(
@@ -150,6 +194,7 @@ impl Channel {
                     refname,
                     parent.as_deref(),
                     &tree(release),
+                    git::Tree::Exactly,
                     message,
                 )?;
                 Ok(format!("commit {commit}"))
@@ -157,47 +202,61 @@ impl Channel {
         }
     }
 
-    /// Publishes a new freshness statement for the release the channel holds, which must still
-    /// be `release.document` (else another release was published meanwhile: nothing is
-    /// written). A directory gets the statement's two files alone, so the release's own stay
-    /// untouched (an HTTP server keeps their validators); a git ref gets a commit.
-    pub fn publish_freshness(&self, release: &Published, message: &str) -> Result<String> {
+    /// Replaces some files beside the release the channel holds, which must still be
+    /// `document` (else another release was published meanwhile: nothing is written): a new
+    /// freshness statement, a signature file with one more signature. A directory gets those
+    /// files alone, so the others stay untouched (an HTTP server keeps their validators); a git
+    /// ref gets a commit on top of its tip changing only those files.
+    pub fn update(
+        &self,
+        document: &[u8],
+        files: &[(&str, &[u8])],
+        message: &str,
+    ) -> Result<String> {
         let changed = || {
             anyhow::anyhow!(
-                "the release in {self} changed while its freshness statement was made: run \
-                 fleet-sign refresh again"
+                "the release in {self} changed meanwhile: nothing written, run this again"
             )
         };
         match &self.0 {
             ChannelSpec::Directory(dir) => {
                 let current = read_capped(&dir.join(DOCUMENT_FILE), MAX_DOCUMENT_BYTES)?;
-                if current.as_deref() != Some(release.document.as_slice()) {
+                if current.as_deref() != Some(document) {
                     return Err(changed());
                 }
-                write_freshness(dir, release)?;
+                for (name, bytes) in files {
+                    write_atomic(&dir.join(name), bytes)?;
+                }
                 Ok(dir.display().to_string())
             }
             ChannelSpec::Http(url) => bail!(
                 "cannot publish to '{url}': fleet-sign publishes to a directory or a git remote; \
-                 refresh the directory this URL serves"
+                 publish to the directory this URL serves"
             ),
             ChannelSpec::Git { url, refname } => {
                 let scratch = git::Scratch::new()?;
                 let tip = scratch.fetch_tip(url, refname)?.ok_or_else(changed)?;
                 let current = scratch.read_file(&tip, DOCUMENT_FILE, MAX_DOCUMENT_BYTES)?;
-                if current.as_deref() != Some(release.document.as_slice()) {
+                if current.as_deref() != Some(document) {
                     return Err(changed());
                 }
-                let commit =
-                    scratch.commit_and_push(url, refname, Some(&tip), &tree(release), message)?;
+                let commit = scratch.commit_and_push(
+                    url,
+                    refname,
+                    Some(&tip),
+                    files,
+                    git::Tree::KeepOthers,
+                    message,
+                )?;
                 Ok(format!("commit {commit}"))
             }
         }
     }
 }
 
-/// The files of a release commit: the release's two, and the statement's when it has one.
-fn tree(release: &Published) -> Vec<(&'static str, &[u8])> {
+/// The files of a release commit: the release's two, the statement's when it has one, and a
+/// format-2 release's list and pieces.
+fn tree(release: &Published) -> Vec<(&str, &[u8])> {
     let mut files = vec![
         (DOCUMENT_FILE, release.document.as_slice()),
         (SIGNATURE_FILE, release.signatures.as_slice()),
@@ -206,7 +265,70 @@ fn tree(release: &Published) -> Vec<(&'static str, &[u8])> {
         files.push((FRESHNESS_FILE, statement.as_slice()));
         files.push((FRESHNESS_SIGNATURE_FILE, signatures.as_slice()));
     }
+    if let Some(list) = &release.hosts {
+        files.push((HOSTS_FILE, list.as_slice()));
+    }
+    files.extend(
+        release
+            .pieces
+            .iter()
+            .map(|(path, bytes)| (path.as_str(), bytes.as_slice())),
+    );
     files
+}
+
+/// Writes a format-2 release's pieces (`hosts/<serial>/<host>.json`): each file written whole,
+/// then the directory fsynced once (a file per host; one fsync each would cost seconds).
+fn write_pieces(dir: &Path, pieces: &[(String, Vec<u8>)]) -> Result<()> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, bytes) in pieces {
+        let path = dir.join(path);
+        let parent = path.parent().unwrap_or(dir).to_path_buf();
+        if dirs.insert(parent.clone()) {
+            std::fs::create_dir_all(&parent)
+                .with_context(|| format!("could not create directory {}", parent.display()))?;
+        }
+        std::fs::write(&path, bytes)
+            .with_context(|| format!("could not write {}", path.display()))?;
+        set_mode(&path, 0o644)?;
+    }
+    // The files' data and the directories' entries, in one call for the file system.
+    if let Some(parent) = dirs.first() {
+        fleet_agent::durable::sync_file_system(parent)
+            .with_context(|| format!("could not sync {}", parent.display()))?;
+    }
+    Ok(())
+}
+
+/// Removes the pieces of releases before the one just published and the one before it (a host
+/// that read the previous root a moment ago still finds its piece).
+fn prune_pieces(dir: &Path, pieces: &[(String, Vec<u8>)]) -> Result<()> {
+    let hosts = dir.join("hosts");
+    let Ok(entries) = std::fs::read_dir(&hosts) else {
+        return Ok(());
+    };
+    let current: Option<u64> = pieces
+        .first()
+        .and_then(|(path, _)| path.split('/').nth(1)?.parse().ok());
+    let mut serials: Vec<u64> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    serials.sort_unstable();
+    let keep: Vec<u64> = match current {
+        // The new one and the newest before it.
+        Some(current) => {
+            let before = serials.iter().rev().find(|s| **s < current).copied();
+            [Some(current), before].into_iter().flatten().collect()
+        }
+        // A format-1 release: the newest pieces stay one release longer.
+        None => serials.last().copied().into_iter().collect(),
+    };
+    for serial in serials.into_iter().filter(|s| !keep.contains(s)) {
+        let path = hosts.join(serial.to_string());
+        std::fs::remove_dir_all(&path)
+            .with_context(|| format!("could not remove {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Writes the statement's signatures, then the statement: a reader between the two sees the old
@@ -235,17 +357,41 @@ fn read_commit(
     url: &str,
     refname: &str,
     names: &[(&str, usize)],
+    wants_hosts: impl Fn(&[u8]) -> bool,
 ) -> Result<Published> {
-    let mut files: [Option<Vec<u8>>; 4] = Default::default();
-    for (slot, (name, limit)) in files.iter_mut().zip(names) {
-        *slot = scratch.read_file(tip, name, *limit)?;
-    }
-    assemble(files).ok_or_else(|| {
+    read_each(names, wants_hosts, |name, limit| {
+        scratch.read_file(tip, name, limit)
+    })?
+    .ok_or_else(|| {
         anyhow::anyhow!(
             "ref '{refname}' of '{url}' (commit {tip}) has no {DOCUMENT_FILE}: is this the \
-             release ref?"
+                 release ref?"
         )
     })
+}
+
+/// Reads `names` (the release's files, then `hosts.json`) with `read`: `None` when the channel
+/// has no document; `hosts.json` only for a document `wants_hosts`.
+fn read_each(
+    names: &[(&str, usize)],
+    wants_hosts: impl Fn(&[u8]) -> bool,
+    mut read: impl FnMut(&str, usize) -> Result<Option<Vec<u8>>>,
+) -> Result<Option<Published>> {
+    let (hosts_name, hosts_limit) = names[names.len() - 1];
+    let mut files: [Option<Vec<u8>>; 4] = Default::default();
+    for (slot, (name, limit)) in files.iter_mut().zip(&names[..names.len() - 1]) {
+        *slot = read(name, *limit)?;
+        if slot.is_none() && *name == DOCUMENT_FILE {
+            return Ok(None);
+        }
+    }
+    let Some(mut published) = assemble(files) else {
+        return Ok(None);
+    };
+    if wants_hosts(&published.document) {
+        published.hosts = read(hosts_name, hosts_limit)?;
+    }
+    Ok(Some(published))
 }
 
 fn read_capped(path: &Path, limit: usize) -> Result<Option<Vec<u8>>> {
@@ -264,15 +410,21 @@ fn read_capped(path: &Path, limit: usize) -> Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-fn read_directory(dir: &Path, names: &[(&str, usize)]) -> Result<Option<Published>> {
-    let mut files: [Option<Vec<u8>>; 4] = Default::default();
-    for (slot, (name, limit)) in files.iter_mut().zip(names) {
-        *slot = read_capped(&dir.join(name), *limit)?;
-    }
-    Ok(assemble(files))
+fn read_directory(
+    dir: &Path,
+    names: &[(&str, usize)],
+    wants_hosts: impl Fn(&[u8]) -> bool,
+) -> Result<Option<Published>> {
+    read_each(names, wants_hosts, |name, limit| {
+        read_capped(&dir.join(name), limit)
+    })
 }
 
-fn read_http(base: &str, names: &[(&str, usize)]) -> Result<Option<Published>> {
+fn read_http(
+    base: &str,
+    names: &[(&str, usize)],
+    wants_hosts: impl Fn(&[u8]) -> bool,
+) -> Result<Option<Published>> {
     let client = reqwest::blocking::Client::builder()
         .use_preconfigured_tls(crate::config::tls()?)
         .connect_timeout(HTTP_CONNECT_TIMEOUT)
@@ -305,14 +457,7 @@ fn read_http(base: &str, names: &[(&str, usize)]) -> Result<Option<Published>> {
         }
         Ok(Some(bytes))
     };
-    let mut files: [Option<Vec<u8>>; 4] = Default::default();
-    for (slot, (name, limit)) in files.iter_mut().zip(names) {
-        *slot = get(name, *limit)?;
-        if slot.is_none() && *name == DOCUMENT_FILE {
-            return Ok(None);
-        }
-    }
-    Ok(assemble(files))
+    read_each(names, wants_hosts, get)
 }
 
 /// A file over its limit: refused with the code hosts report for it (`too_large`).

@@ -13,6 +13,7 @@
 //! substituters = ["https://cache.example.org"]
 //! channels = ["git+ssh://git@git.example.org/fleet.git#fleet-release", "/srv/www/fleet"]
 //! expires = "30d"
+//! format = 2                                  # a Merkle root and a file per host
 //!
 //! [groups]
 //! routers = ["router1", "router2"]
@@ -85,6 +86,9 @@ pub struct RawConfig {
     pub ca_file: Option<PathBuf>,
     /// Freshness statements: the keys hosts trust for them and the one that signs them.
     pub freshness: Option<RawFreshness>,
+    /// The release format `fleet-sign release` writes: 1 (default) or 2 (a Merkle root and a
+    /// file per host).
+    pub format: Option<u32>,
 }
 
 /// `[freshness]`.

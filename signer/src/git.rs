@@ -10,6 +10,15 @@ use anyhow::{Context as _, Result};
 use std::path::Path;
 use std::process::Command;
 
+/// What a commit's tree is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tree {
+    /// Exactly the files given.
+    Exactly,
+    /// The parent's tree with the files given replaced or added.
+    KeepOthers,
+}
+
 /// A throwaway bare repository holding at most the tip of one remote ref.
 pub struct Scratch {
     dir: tempfile::TempDir,
@@ -84,46 +93,43 @@ impl Scratch {
         Ok(Some(process::run(command)?))
     }
 
-    /// Commits `files` as the whole tree on top of `parent` and pushes it to `refname`.
-    /// The push is not forced: if someone else moved the ref meanwhile, it fails.
+    /// Commits `files` (paths relative to the root, `a/b.json` makes directories) as the whole
+    /// tree (or over the parent's, see [`Tree`]) on top of `parent` and pushes it to `refname`. One `git fast-import` writes every
+    /// blob and the commit, however many files (a format-2 release has one per host). The push
+    /// is not forced: if someone else moved the ref meanwhile, it fails.
     pub fn commit_and_push(
         &self,
         url: &str,
         refname: &str,
         parent: Option<&str>,
         files: &[(&str, &[u8])],
+        tree: Tree,
         message: &str,
     ) -> Result<String> {
-        let mut tree = String::new();
-        for (name, bytes) in files {
-            let mut command = git(self.dir.path());
-            command.args(["hash-object", "-w", "--stdin"]);
-            let blob = process::run_with_input(command, bytes)?;
-            tree += &format!(
-                "100644 blob {}\t{name}\n",
-                String::from_utf8_lossy(&blob).trim()
-            );
-        }
-        let mut command = git(self.dir.path());
-        command.arg("mktree");
-        let tree = String::from_utf8_lossy(&process::run_with_input(command, tree.as_bytes())?)
-            .trim()
-            .to_owned();
-        let mut command = git(self.dir.path());
-        // Commits need an identity; fall back to one naming the tool when git has none.
-        for (var, fallback) in [
-            ("GIT_AUTHOR_NAME", "fleet-sign"),
-            ("GIT_AUTHOR_EMAIL", "fleet-sign@localhost"),
-        ] {
-            if std::env::var_os(var).is_none() && !has_identity() {
-                command.env(var, fallback);
-                command.env(var.replace("AUTHOR", "COMMITTER"), fallback);
-            }
-        }
-        command.args(["commit-tree", &tree, "-m", message]);
+        let mut stream = Vec::new();
+        let ident = committer_ident();
+        stream.extend_from_slice(b"commit refs/fleet/new\n");
+        stream.extend_from_slice(format!("committer {ident}\n").as_bytes());
+        stream.extend_from_slice(format!("data {}\n{message}\n", message.len()).as_bytes());
         if let Some(parent) = parent {
-            command.args(["-p", parent]);
+            stream.extend_from_slice(format!("from {parent}\n").as_bytes());
         }
+        if tree == Tree::Exactly {
+            stream.extend_from_slice(b"deleteall\n");
+        }
+        for (path, bytes) in files {
+            stream.extend_from_slice(
+                format!("M 100644 inline {path}\ndata {}\n", bytes.len()).as_bytes(),
+            );
+            stream.extend_from_slice(bytes);
+            stream.push(b'\n');
+        }
+        stream.extend_from_slice(b"done\n");
+        let mut command = git(self.dir.path());
+        command.args(["fast-import", "--quiet", "--done", "--force"]);
+        process::run_with_input(command, &stream).context("could not write the release commit")?;
+        let mut command = git(self.dir.path());
+        command.args(["rev-parse", "--verify", "refs/fleet/new^{commit}"]);
         let commit = String::from_utf8_lossy(&process::run(command)?)
             .trim()
             .to_owned();
@@ -143,6 +149,28 @@ impl Scratch {
         })?;
         Ok(commit)
     }
+}
+
+/// The committer for release commits: git's own (config, `GIT_COMMITTER_*`), else one naming
+/// the tool.
+fn committer_ident() -> String {
+    let mut command = Command::new("git");
+    command.args(["var", "GIT_COMMITTER_IDENT"]);
+    match process::run(command) {
+        Ok(out) if !out.is_empty() && has_identity_or_env() => {
+            String::from_utf8_lossy(&out).trim().to_owned()
+        }
+        _ => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            format!("fleet-sign <fleet-sign@localhost> {now} +0000")
+        }
+    }
+}
+
+fn has_identity_or_env() -> bool {
+    std::env::var_os("GIT_COMMITTER_EMAIL").is_some() || has_identity()
 }
 
 fn has_identity() -> bool {

@@ -5,6 +5,7 @@ mod build;
 mod common;
 mod crash;
 mod disk;
+mod format;
 mod freshness;
 mod machine;
 mod module;

@@ -307,6 +307,7 @@ impl PaperFleet {
                     (name.clone(), entry)
                 })
                 .collect(),
+            host_tree: None,
         };
         let channel_dir = dir.join("paper-channel");
         std::fs::create_dir_all(&channel_dir).unwrap();

@@ -203,7 +203,7 @@ boot_dir = "{boot_dir}"
 
     /// A `fleet-agent` command for this host.
     pub fn agent(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(binary("fleet-agent"));
+        let mut command = crate::agent_command();
         command
             .envs(self.env())
             .arg("--config")

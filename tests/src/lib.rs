@@ -88,6 +88,22 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// A command running the agent the tests exercise: the workspace's `fleet-agent`, or `$FLEET_AGENT`
+/// (another build of it, e.g. the static aarch64 one from `scripts/build-aarch64`) run through
+/// `$FLEET_AGENT_RUNNER` when that is set (e.g. `qemu-aarch64-static`).
+pub fn agent_command() -> Command {
+    let agent =
+        std::env::var_os("FLEET_AGENT").map_or_else(|| binary("fleet-agent"), PathBuf::from);
+    match std::env::var_os("FLEET_AGENT_RUNNER") {
+        Some(runner) => {
+            let mut command = Command::new(runner);
+            command.arg(agent);
+            command
+        }
+        None => Command::new(agent),
+    }
+}
+
 /// A command for one of the workspace's binaries, with the test Nix environment.
 pub fn command(name: &str) -> Command {
     let mut command = Command::new(binary(name));

@@ -119,6 +119,25 @@ impl DirChannel {
         Ok(Some((first, second)))
     }
 
+    /// One file below the directory, capped; `None` when it does not exist.
+    pub async fn read_file(
+        &self,
+        path: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, ChannelError> {
+        let path = self.dir.join(path);
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => read_capped(file, limit, &path.display().to_string())
+                .await
+                .map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ChannelError::Io {
+                what: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
     pub async fn read_freshness(&self) -> Result<Option<FetchedFreshness>, ChannelError> {
         Ok(self
             .read_pair(FRESHNESS_FILES)

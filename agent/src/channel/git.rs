@@ -56,6 +56,41 @@ impl GitChannel {
         self.last_tip = memory;
     }
 
+    /// One file of the tip last fetched, capped; `None` when the tree has no such file.
+    pub async fn read_file(
+        &self,
+        path: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, ChannelError> {
+        let Some(tip) = self.last_tip else {
+            return Ok(None);
+        };
+        let (repo_dir, path) = (self.repo_dir.clone(), path.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let repo = git2::Repository::open_bare(&repo_dir)
+                .map_err(|e| git_error("cannot open the git cache", e))?;
+            let tree = repo
+                .find_commit(tip)
+                .and_then(|c| c.tree())
+                .map_err(|e| git_error(&format!("tree of commit {tip}"), e))?;
+            let Ok(entry) = tree.get_path(std::path::Path::new(&path)) else {
+                return Ok(None);
+            };
+            let blob = repo
+                .find_blob(entry.id())
+                .map_err(|e| git_error(&format!("{path} in commit {tip}"), e))?;
+            if blob.size() > limit {
+                return Err(ChannelError::TooLarge {
+                    what: format!("{path} in commit {tip}"),
+                    limit,
+                });
+            }
+            Ok(Some(blob.content().to_vec()))
+        })
+        .await
+        .map_err(|e| ChannelError::Git(format!("git read task failed: {e}")))?
+    }
+
     pub async fn poll(&mut self) -> Result<Polled, ChannelError> {
         // The shortcut for an idle poll: ask where the one branch points (protocol v2), and
         // skip the fetch, whose ref advertisement lists every ref of the remote, when it has

@@ -172,6 +172,19 @@ impl HttpChannel {
         }))
     }
 
+    /// One file below the base URL, capped; `None` when the server answers 404.
+    pub async fn fetch_file(
+        &self,
+        path: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, ChannelError> {
+        match self.get(path, limit, None).await? {
+            Some((response, _)) if response.status() == StatusCode::NOT_FOUND => Ok(None),
+            Some((response, url)) => body(response, limit, &url, self.timeout).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The freshness statement, asked for with the validators of the last one fetched.
     pub async fn poll_freshness(&mut self) -> Result<FreshnessPolled, ChannelError> {
         let validators = self.freshness_validators.clone();

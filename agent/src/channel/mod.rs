@@ -11,7 +11,7 @@ mod http;
 use crate::config::{ChannelSpec, Config};
 use crate::release::{
     FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE, MAX_DOCUMENT_BYTES, MAX_FRESHNESS_BYTES,
-    MAX_SIGNATURE_FILE_BYTES,
+    MAX_HOST_PIECE_BYTES, MAX_SIGNATURE_FILE_BYTES,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -180,6 +180,29 @@ impl Channel {
             .await
             .unwrap_or(Err(ChannelError::TimedOut {
                 what: "the release".into(),
+                after: self.timeout,
+            }))
+    }
+
+    /// Fetches this host's piece of a verified format-2 release (`hosts/<serial>/<host>.json`);
+    /// `None` when the channel has none (the release has no entry for the host).
+    pub async fn fetch_host_piece(
+        &mut self,
+        serial: u64,
+        host: &str,
+    ) -> Result<Option<Vec<u8>>, ChannelError> {
+        let path = crate::release::host_piece_path(serial, host);
+        let work = async {
+            match &mut self.kind {
+                Kind::Directory(c) => c.read_file(&path, MAX_HOST_PIECE_BYTES).await,
+                Kind::Http(c) => c.fetch_file(&path, MAX_HOST_PIECE_BYTES).await,
+                Kind::Git(c) => c.read_file(&path, MAX_HOST_PIECE_BYTES).await,
+            }
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or(Err(ChannelError::TimedOut {
+                what: format!("this host's entry ({path})"),
                 after: self.timeout,
             }))
     }

@@ -492,9 +492,29 @@ impl Agent {
                 None => return Outcome::NoRelease,
             },
             Ok(Polled::Release(fetched)) => {
-                let verdict = self
-                    .verify(&fetched)
-                    .map(|v| Arc::new(v.only_host(&self.config.host)));
+                let verdict = match self.verify(&fetched) {
+                    Ok(verified) if verified.has_host_tree() => {
+                        // Format 2: this host's entry, from its own piece, proven by the root.
+                        let serial = verified.serial();
+                        let host = self.config.host.clone();
+                        match self.channel.fetch_host_piece(serial, &host).await {
+                            Ok(piece) => verified.with_host_piece(&host, piece.as_deref()),
+                            Err(e) => {
+                                return self.fail(
+                                    e.code(),
+                                    format!(
+                                        "cannot fetch this host's entry of release {serial} \
+                                         from {}: {e}",
+                                        self.config.channel
+                                    ),
+                                    Some(serial),
+                                )
+                            }
+                        }
+                    }
+                    other => other,
+                }
+                .map(|v| Arc::new(v.only_host(&self.config.host)));
                 self.last_verdict = Some(verdict.clone());
                 (verdict, Some(fetched.freshness))
             }

@@ -29,10 +29,15 @@ use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// The document format this code reads and writes.
+/// Format 1: the document names every host's entry.
 pub const FORMAT_VERSION: u32 = 1;
-/// The most hosts one release may name.
+/// Format 2: the document is a small root naming a Merkle tree over the host entries; each host
+/// fetches its own entry with its inclusion proof (`hosts/<serial>/<host>.json`).
+pub const FORMAT_TREE: u32 = 2;
+/// The most hosts one format-1 release may name.
 pub const MAX_HOSTS: usize = 50_000;
+/// The most hosts one format-2 release may name.
+pub const MAX_TREE_HOSTS: u64 = 1_000_000;
 /// The most substituter hints one release may carry.
 pub const MAX_SUBSTITUTERS: usize = 16;
 const MAX_TEXT: usize = 1024;
@@ -49,8 +54,27 @@ pub struct Release {
     pub source: Source,
     #[serde(default)]
     pub substituters: Vec<String>,
-    #[serde(deserialize_with = "unique_map")]
+    /// Format 1: every host's entry. Format 2: absent from the document; after verification,
+    /// the entries whose inclusion was proven (an agent's own, or all for the collector).
+    #[serde(
+        default,
+        deserialize_with = "unique_map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub hosts: BTreeMap<String, HostEntry>,
+    /// Format 2: the Merkle tree over the host entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_tree: Option<HostTree>,
+}
+
+/// Format 2's commitment to the host entries: how many, and the Merkle root over their leaves
+/// (`super::host_leaf`), sorted by host name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostTree {
+    pub count: u64,
+    /// 64 lowercase hex digits.
+    pub root: String,
 }
 
 /// Where the release was built from.
@@ -137,7 +161,7 @@ impl<'de> Deserialize<'de> for StorePath {
 }
 
 /// Shows at most 200 characters of untrusted text, with control characters escaped.
-fn printable(text: &str) -> String {
+pub(super) fn printable(text: &str) -> String {
     text.chars()
         .take(200)
         .flat_map(char::escape_debug)
@@ -158,12 +182,32 @@ pub fn is_valid_name(name: &str) -> bool {
 impl Release {
     /// Checks everything the types alone do not: names, times, keys, limits.
     pub fn validate(&self) -> Result<(), String> {
-        if self.format != FORMAT_VERSION {
-            return Err(format!(
-                "release format {} is not supported (this build reads format {FORMAT_VERSION}): \
-                 upgrade fleet",
-                self.format
-            ));
+        match (self.format, &self.host_tree) {
+            (FORMAT_VERSION, None) => {}
+            (FORMAT_TREE, Some(tree)) => {
+                if !self.hosts.is_empty() {
+                    return Err("a format 2 release names its hosts in its host tree only".into());
+                }
+                if tree.count == 0 || tree.count > MAX_TREE_HOSTS {
+                    return Err(format!(
+                        "host_tree.count {} is outside 1 to {MAX_TREE_HOSTS}",
+                        tree.count
+                    ));
+                }
+                if super::Digest::from_hex(&tree.root).is_none() {
+                    return Err("host_tree.root is not 64 lowercase hex digits".into());
+                }
+            }
+            (FORMAT_VERSION, Some(_)) => {
+                return Err("host_tree is a format 2 field".into());
+            }
+            (FORMAT_TREE, None) => return Err("a format 2 release needs host_tree".into()),
+            (format, _) => {
+                return Err(format!(
+                    "release format {format} is not supported (this build reads formats \
+                     {FORMAT_VERSION} and {FORMAT_TREE}): upgrade fleet"
+                ))
+            }
         }
         if !is_valid_name(&self.fleet) {
             return Err(format!(
@@ -201,25 +245,35 @@ impl Release {
                 return Err(format!("substituter '{}' is not a URL", printable(url)));
             }
         }
-        if self.hosts.is_empty() {
-            return Err("release names no hosts".into());
-        }
-        if self.hosts.len() > MAX_HOSTS {
-            return Err(format!(
-                "release names {} hosts, the limit is {MAX_HOSTS}",
-                self.hosts.len()
-            ));
+        if self.format == FORMAT_VERSION {
+            if self.hosts.is_empty() {
+                return Err("release names no hosts".into());
+            }
+            if self.hosts.len() > MAX_HOSTS {
+                return Err(format!(
+                    "release names {} hosts, the limit is {MAX_HOSTS}",
+                    self.hosts.len()
+                ));
+            }
         }
         for (name, entry) in &self.hosts {
-            if !is_valid_name(name) {
-                return Err(format!("host name '{}' is invalid", printable(name)));
-            }
-            if let Some(key) = &entry.report_key {
-                // Syntax only: decoding the curve point costs microseconds per host, and the
-                // collector parses the key fully when it checks a report.
-                PublicKey::check_syntax(key)
-                    .map_err(|e| format!("host '{name}' has an invalid report_key: {e}"))?;
-            }
+            entry.validate(name)?;
+        }
+        Ok(())
+    }
+}
+
+impl HostEntry {
+    /// Checks the host's name and the entry's values (the types check the store path).
+    pub fn validate(&self, name: &str) -> Result<(), String> {
+        if !is_valid_name(name) {
+            return Err(format!("host name '{}' is invalid", printable(name)));
+        }
+        if let Some(key) = &self.report_key {
+            // Syntax only: decoding the curve point costs microseconds per host, and the
+            // collector parses the key fully when it checks a report.
+            PublicKey::check_syntax(key)
+                .map_err(|e| format!("host '{name}' has an invalid report_key: {e}"))?;
         }
         Ok(())
     }
@@ -238,7 +292,7 @@ fn check_text(what: &str, text: &str) -> Result<(), String> {
 
 /// Deserializes a JSON object into a map, refusing a key that appears twice (serde_json would
 /// silently keep the last one, so two readers could disagree about what was signed).
-fn unique_map<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
+pub(super) fn unique_map<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
 where
     D: Deserializer<'de>,
     V: Deserialize<'de>,

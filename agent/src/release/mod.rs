@@ -14,7 +14,9 @@
 
 mod document;
 mod freshness;
+mod hosts;
 mod keys;
+pub mod merkle;
 mod signatures;
 mod verify;
 
@@ -22,11 +24,16 @@ mod verify;
 mod tests;
 
 pub use document::{
-    is_valid_name, HostEntry, Release, Source, StorePath, FORMAT_VERSION, MAX_HOSTS,
+    is_valid_name, HostEntry, HostTree, Release, Source, StorePath, FORMAT_TREE, FORMAT_VERSION,
+    MAX_HOSTS, MAX_TREE_HOSTS,
 };
 pub use freshness::{
     freshness_message, verify_freshness, Fresh, Statement, FRESHNESS_DOMAIN, FRESHNESS_FILE,
     FRESHNESS_SIGNATURE_FILE, MAX_FRESHNESS_BYTES, MAX_FRESHNESS_LIFETIME,
+};
+pub use hosts::{
+    host_files, host_leaf, host_piece_path, HostFiles, HostList, HostPiece, HOSTS_FILE,
+    MAX_HOST_LIST_BYTES, MAX_HOST_PIECE_BYTES,
 };
 pub use keys::{KeyError, PublicKey, SecretKey};
 pub use signatures::{Signature, SignatureFile};

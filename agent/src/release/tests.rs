@@ -33,6 +33,7 @@ fn release(serial: u64) -> Release {
         },
         substituters: vec!["http://127.0.0.1:5000".into()],
         hosts,
+        host_tree: None,
     }
 }
 
@@ -500,4 +501,214 @@ fn an_expired_statement_says_how_long_ago() {
         error.to_string().contains("expired at") && error.to_string().contains("3days 2h ago"),
         "{error}"
     );
+}
+
+/// A format-2 release of `hosts` entries (named host-0000…): its root document, pieces, list.
+fn tree_release(serial: u64, hosts: usize) -> (Vec<u8>, HostFiles) {
+    let mut release = release(serial);
+    let entry = release.hosts["a"].clone();
+    release.hosts = (0..hosts)
+        .map(|i| (format!("host-{i:04}"), entry.clone()))
+        .collect();
+    let files = host_files("home", serial, &release.hosts);
+    release.hosts.clear();
+    release.format = FORMAT_TREE;
+    release.host_tree = Some(files.tree.clone());
+    (serde_json::to_vec_pretty(&release).unwrap(), files)
+}
+
+fn piece<'a>(files: &'a HostFiles, host: &str) -> &'a [u8] {
+    let serial: HostPiece = serde_json::from_slice(&files.pieces[0].1).unwrap();
+    let path = host_piece_path(serial.serial, host);
+    &files.pieces.iter().find(|(p, _)| *p == path).unwrap().1
+}
+
+#[test]
+fn format_two_proves_each_host_alone() {
+    let k1 = key("ops1", 1);
+    let (doc, files) = tree_release(7, 37);
+    let verified = verify(&doc, &sign(&doc, &[&k1]), &trust(&[&k1], 1), &context()).unwrap();
+    assert!(verified.has_host_tree());
+    assert!(verified.release().hosts.is_empty());
+    assert_eq!(files.pieces[5].0, "hosts/7/host-0005.json");
+    // Each host's own piece proves its entry, and only its entry is kept.
+    for i in [0, 5, 31, 36] {
+        let host = format!("host-{i:04}");
+        let mine = verified
+            .clone()
+            .with_host_piece(&host, Some(piece(&files, &host)))
+            .unwrap();
+        assert_eq!(mine.host(&host).unwrap().toplevel.as_str(), TOPLEVEL);
+        assert_eq!(mine.release().hosts.len(), 1);
+    }
+    // No piece: authentic, with no entry for the host.
+    let none = verified.clone().with_host_piece("host-0099", None).unwrap();
+    assert_eq!(none.host("host-0099").unwrap_err().code(), "no_host_entry");
+
+    let check = |host: &str, bytes: &[u8]| match verified.clone().with_host_piece(host, Some(bytes))
+    {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    let other_serial = tree_release(6, 37).1;
+    let fewer = tree_release(7, 36).1;
+    let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).unwrap();
+    let mine = text(piece(&files, "host-0005"));
+    let reproved = |edit: &dyn Fn(&mut HostPiece)| {
+        let mut p: HostPiece = serde_json::from_str(&mine).unwrap();
+        edit(&mut p);
+        serde_json::to_vec(&p).unwrap()
+    };
+    let rows: Vec<(&str, String, Vec<u8>, &str)> = vec![
+        (
+            "its own piece",
+            "host-0005".into(),
+            mine.clone().into_bytes(),
+            "ok",
+        ),
+        (
+            "another host's piece",
+            "host-0005".into(),
+            piece(&files, "host-0006").to_vec(),
+            "host_proof_invalid",
+        ),
+        (
+            "another host's piece renamed to this host",
+            "host-0005".into(),
+            {
+                let mut p: HostPiece = serde_json::from_slice(piece(&files, "host-0006")).unwrap();
+                p.host = "host-0005".into();
+                serde_json::to_vec(&p).unwrap()
+            },
+            "host_proof_invalid",
+        ),
+        (
+            "a stale piece (the release before)",
+            "host-0005".into(),
+            piece(&other_serial, "host-0005").to_vec(),
+            "host_proof_invalid",
+        ),
+        (
+            "a stale piece relabelled with this serial (mixed serials)",
+            "host-0005".into(),
+            {
+                let mut p: HostPiece =
+                    serde_json::from_slice(piece(&other_serial, "host-0005")).unwrap();
+                p.serial = 7;
+                serde_json::to_vec(&p).unwrap()
+            },
+            "host_proof_invalid",
+        ),
+        (
+            "a piece from a tree of another size",
+            "host-0005".into(),
+            piece(&fewer, "host-0005").to_vec(),
+            "host_proof_invalid",
+        ),
+        (
+            "another toplevel with the same proof",
+            "host-0005".into(),
+            reproved(&|p| {
+                p.entry.toplevel = StorePath::parse(
+                    "/nix/store/b1ps8nbkrhi4d52m2i2gzmv345rmsanm-nixos-system-evil",
+                )
+                .unwrap()
+            }),
+            "host_proof_invalid",
+        ),
+        (
+            "a wave added",
+            "host-0005".into(),
+            reproved(&|p| p.entry.wave = Some(9)),
+            "host_proof_invalid",
+        ),
+        (
+            "another index",
+            "host-0005".into(),
+            reproved(&|p| p.index = 6),
+            "host_proof_invalid",
+        ),
+        (
+            "a bent proof",
+            "host-0005".into(),
+            reproved(&|p| p.proof[0] = "00".repeat(32)),
+            "host_proof_invalid",
+        ),
+        (
+            "a proof hash that is not hex",
+            "host-0005".into(),
+            reproved(&|p| p.proof[0] = "zz".repeat(32)),
+            "host_proof_invalid",
+        ),
+        (
+            "an unknown field",
+            "host-0005".into(),
+            mine.replacen("{", "{\"activate\":true,", 1).into_bytes(),
+            "host_proof_invalid",
+        ),
+        (
+            "not a store path",
+            "host-0005".into(),
+            mine.replace(TOPLEVEL, "/etc/passwd").into_bytes(),
+            "host_proof_invalid",
+        ),
+        (
+            "oversized",
+            "host-0005".into(),
+            vec![b' '; MAX_HOST_PIECE_BYTES + 1],
+            "host_proof_invalid",
+        ),
+    ];
+    for (what, host, bytes, expected) in rows {
+        assert_eq!(check(&host, &bytes), expected, "{what}");
+    }
+
+    // The full list, for the collector: the signed root's own, or refused.
+    let all = verified.clone().with_all_hosts(Some(&files.list)).unwrap();
+    assert_eq!(all.release().hosts.len(), 37);
+    let list_code = |list: Option<&[u8]>| match verified.clone().with_all_hosts(list) {
+        Ok(_) => "ok",
+        Err(e) => e.code(),
+    };
+    assert_eq!(list_code(None), "host_list_invalid");
+    assert_eq!(list_code(Some(&fewer.list)), "host_list_invalid");
+    assert_eq!(list_code(Some(&other_serial.list)), "host_list_invalid");
+    let mut list: HostList = serde_json::from_slice(&files.list).unwrap();
+    list.hosts.get_mut("host-0003").unwrap().wave = Some(4);
+    assert_eq!(
+        list_code(Some(&serde_json::to_vec(&list).unwrap())),
+        "host_list_invalid"
+    );
+}
+
+#[test]
+fn format_two_roots_are_validated() {
+    let k1 = key("ops1", 1);
+    let (doc, _) = tree_release(7, 3);
+    let text = String::from_utf8(doc).unwrap();
+    let resign = |t: String| {
+        let d = t.into_bytes();
+        code(verify(&d, &sign(&d, &[&k1]), &trust(&[&k1], 1), &context()))
+    };
+    assert_eq!(resign(text.clone()), "ok");
+    assert_eq!(
+        resign(text.replacen("\"format\": 2", "\"format\": 1", 1)),
+        "malformed"
+    );
+    assert_eq!(
+        resign(text.replacen("\"count\": 3", "\"count\": 0", 1)),
+        "malformed"
+    );
+    assert_eq!(
+        resign(text.replacen("\"format\": 2", "\"format\": 3", 1)),
+        "malformed"
+    );
+    // Entries in the root beside a tree: refused, so two readers never disagree.
+    let mut both: serde_json::Value = serde_json::from_str(&text).unwrap();
+    both["hosts"] = serde_json::to_value(&release(7).hosts).unwrap();
+    assert_eq!(resign(serde_json::to_string(&both).unwrap()), "malformed");
+    // A format-1 document with a tree field: refused.
+    let mut one: serde_json::Value = serde_json::to_value(release(7)).unwrap();
+    one["host_tree"] = both["host_tree"].clone();
+    assert_eq!(resign(serde_json::to_string(&one).unwrap()), "malformed");
 }

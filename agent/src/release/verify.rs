@@ -3,7 +3,7 @@
 //! Order of checks, cheapest and least trusting first: sizes, signatures over the exact bytes
 //! (before the JSON parser sees them), structure, fleet, expiry, serial against the floor.
 
-use super::document::{HostEntry, Release, FORMAT_VERSION};
+use super::document::{HostEntry, Release, FORMAT_TREE, FORMAT_VERSION};
 use super::keys::PublicKey;
 use super::signatures::SignatureFile;
 use super::{signed_message, MAX_DOCUMENT_BYTES};
@@ -109,7 +109,7 @@ pub struct VerifyContext {
 /// A release whose signatures, fleet, expiry and serial have been checked.
 #[derive(Debug, Clone)]
 pub struct VerifiedRelease {
-    release: Release,
+    pub(super) release: Release,
     digest: Digest,
     signed_by: Vec<String>,
 }
@@ -200,6 +200,14 @@ pub enum VerifyError {
     },
     #[error("release serial {serial} has no entry for host '{host}'")]
     NoEntryForHost { host: String, serial: u64 },
+    #[error("the entry of host '{host}' in release serial {serial} is refused: {why}")]
+    HostProofInvalid {
+        host: String,
+        serial: u64,
+        why: String,
+    },
+    #[error("the release's host list is refused: {0}")]
+    HostListInvalid(String),
     #[error(
         "release serial {serial} has no freshness statement ({}): refusing until one is \
          published (fleet-sign refresh)",
@@ -301,6 +309,8 @@ impl VerifyError {
             Self::SerialTooLow { .. } => "serial_too_low",
             Self::SerialReused { .. } => "serial_reused",
             Self::NoEntryForHost { .. } => "no_host_entry",
+            Self::HostProofInvalid { .. } => "host_proof_invalid",
+            Self::HostListInvalid(_) => "host_list_invalid",
             Self::FreshnessMissing { .. } => "freshness_missing",
             Self::FreshnessInvalid(_) => "freshness_invalid",
             Self::FreshnessUntrusted { .. } => "freshness_untrusted",
@@ -334,11 +344,13 @@ pub fn verify(
             format: u32,
         }
         match serde_json::from_slice::<FormatProbe>(document) {
-            Ok(probe) if probe.format != FORMAT_VERSION => VerifyError::Malformed(format!(
-                "release format {} is not supported (this build reads format {FORMAT_VERSION}): \
-                 upgrade fleet",
-                probe.format
-            )),
+            Ok(probe) if probe.format != FORMAT_VERSION && probe.format != FORMAT_TREE => {
+                VerifyError::Malformed(format!(
+                    "release format {} is not supported (this build reads formats \
+                     {FORMAT_VERSION} and {FORMAT_TREE}): upgrade fleet",
+                    probe.format
+                ))
+            }
             _ => VerifyError::Malformed(e.to_string()),
         }
     })?;

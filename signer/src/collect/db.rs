@@ -72,6 +72,10 @@ impl Db {
                         id INTEGER PRIMARY KEY CHECK (id = 1),
                         document BLOB NOT NULL,
                         signatures BLOB NOT NULL
+                    );
+                    CREATE TABLE IF NOT EXISTS release_hosts (
+                        id INTEGER PRIMARY KEY CHECK (id = 1),
+                        list BLOB NOT NULL
                     );",
                 )
             })
@@ -161,23 +165,56 @@ impl Db {
     }
 
     /// The newest verified release the collector knows, if any.
-    pub fn release(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        Ok(self
+    /// The release stored: document, signatures and a format-2 release's `hosts.json`.
+    pub fn release(&self) -> Result<Option<StoredRelease>> {
+        let stored: Option<(Vec<u8>, Vec<u8>)> = self
             .connection
             .query_row(
                 "SELECT document, signatures FROM release WHERE id = 1",
                 [],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
-            .optional()?)
+            .optional()?;
+        let Some((document, signatures)) = stored else {
+            return Ok(None);
+        };
+        let hosts = self
+            .connection
+            .query_row("SELECT list FROM release_hosts WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        Ok(Some(StoredRelease {
+            document,
+            signatures,
+            hosts,
+        }))
     }
 
-    pub fn set_release(&mut self, document: &[u8], signatures: &[u8]) -> Result<()> {
-        self.connection.execute(
+    pub fn set_release(&mut self, release: &StoredRelease) -> Result<()> {
+        let tx = self.connection.transaction()?;
+        tx.execute(
             "INSERT INTO release (id, document, signatures) VALUES (1, ?1, ?2)
              ON CONFLICT (id) DO UPDATE SET document = ?1, signatures = ?2",
-            params![document, signatures],
+            params![release.document, release.signatures],
         )?;
+        match &release.hosts {
+            Some(list) => tx.execute(
+                "INSERT INTO release_hosts (id, list) VALUES (1, ?1)
+                 ON CONFLICT (id) DO UPDATE SET list = ?1",
+                params![list],
+            )?,
+            None => tx.execute("DELETE FROM release_hosts", [])?,
+        };
+        tx.commit()?;
         Ok(())
     }
+}
+
+/// A release as the collector stores it.
+#[derive(Debug, Clone)]
+pub struct StoredRelease {
+    pub document: Vec<u8>,
+    pub signatures: Vec<u8>,
+    pub hosts: Option<Vec<u8>>,
 }

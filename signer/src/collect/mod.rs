@@ -12,7 +12,7 @@ pub mod server;
 pub mod view;
 
 use anyhow::Result;
-use db::{Db, Stored};
+use db::{Db, Stored, StoredRelease};
 use fleet_agent::release::{
     self, Accepted, Fresh, PublicKey, TrustPolicy, VerifiedRelease, VerifyContext, VerifyError,
 };
@@ -106,8 +106,8 @@ impl Collector {
             buckets: Mutex::new(HashMap::new()),
             counts: Mutex::new(BTreeMap::new()),
         };
-        if let Some((document, signatures)) = stored {
-            if let Err(e) = collector.adopt(&document, &signatures) {
+        if let Some(stored) = stored {
+            if let Err(e) = collector.adopt(&stored) {
                 log::warn!("the release stored in the database is refused: {e}");
             }
         }
@@ -159,7 +159,7 @@ impl Collector {
     /// Takes a release from the channel if it verifies and is not older than the one known.
     /// Returns whether it is new. An expired release still names the hosts' keys: the hosts are
     /// reporting the expiry, and those reports must arrive.
-    pub fn adopt(&self, document: &[u8], signatures: &[u8]) -> Result<bool, VerifyError> {
+    pub fn adopt(&self, stored: &StoredRelease) -> Result<bool, VerifyError> {
         let floor = self.known().map(|k| Accepted {
             serial: k.verified.serial(),
             digest: k.verified.digest(),
@@ -170,16 +170,13 @@ impl Collector {
             floor,
             own_expiry: false,
         };
-        let verified = release::verify(document, signatures, &self.trust, &context)?;
+        let verified =
+            release::verify(&stored.document, &stored.signatures, &self.trust, &context)?
+                .with_all_hosts(stored.hosts.as_deref())?;
         if verified.is_same_as(floor) {
             return Ok(false);
         }
-        if let Err(e) = self
-            .db
-            .lock()
-            .expect("not poisoned")
-            .set_release(document, signatures)
-        {
+        if let Err(e) = self.db.lock().expect("not poisoned").set_release(stored) {
             log::warn!(
                 "cannot store release {} in the database: {e:#}",
                 verified.serial()

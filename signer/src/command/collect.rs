@@ -125,7 +125,12 @@ fn refresh(collector: &Collector, channel: &Channel) {
     };
     match read {
         Ok(Some(published)) => {
-            if let Err(e) = collector.adopt(&published.document, &published.signatures) {
+            let stored = crate::collect::db::StoredRelease {
+                document: published.document.clone(),
+                signatures: published.signatures.clone(),
+                hosts: published.hosts.clone(),
+            };
+            if let Err(e) = collector.adopt(&stored) {
                 log::warn!(code = e.code(); "the release in {channel} is refused, keeping the one known: {e}");
             }
             if let Err(e) = collector.check_freshness(published.freshness(), super::now()) {

@@ -13,6 +13,7 @@ use fleet_agent::release::{
     self, verify_freshness, Fresh, SecretKey, Statement, TrustPolicy, VerifiedRelease,
     VerifyContext,
 };
+use fleet_agent::release::{FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE};
 use std::path::PathBuf;
 
 /// Renew the freshness statement of the release in each channel (cron- and CI-friendly).
@@ -187,18 +188,23 @@ impl Job<'_> {
                 fresh_until: fresh.expires,
             });
         }
-        let statement = sign_statement(&verified, key, started, lifetime);
-        let renewed = Published {
-            freshness: Some(statement),
-            ..published
-        };
+        let (statement, signatures) = sign_statement(&verified, key, started, lifetime);
         let message = format!(
             "fleet {} release {}: fresh until {}\n",
             verified.release().fleet,
             verified.serial(),
             rfc3339(started + lifetime)
         );
-        channel.publish_freshness(&renewed, &message)?;
+        // The statement before its signatures: a reader between the two sees the new
+        // statement with the old signatures, an untrusted statement until its next poll.
+        channel.update(
+            &published.document,
+            &[
+                (FRESHNESS_FILE, &statement),
+                (FRESHNESS_SIGNATURE_FILE, &signatures),
+            ],
+            &message,
+        )?;
         Ok(Refreshed {
             channel: channel.to_string(),
             serial: verified.serial(),

@@ -19,7 +19,7 @@ use crate::{keyfile, nix};
 use anyhow::{bail, Context as _, Result};
 use fleet_agent::release::{
     self, Accepted, HostEntry, PublicKey, Release, SecretKey, SignatureFile, Source, StorePath,
-    TrustPolicy, VerifyContext, FORMAT_VERSION,
+    TrustPolicy, VerifyContext, FORMAT_TREE, FORMAT_VERSION,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -78,6 +78,12 @@ pub struct Args {
     /// `fleet-sign sign`, and hosts take the release once it reaches their threshold.
     #[arg(long)]
     cosign: bool,
+    /// The release format: 1, every host's entry in the document (what every agent reads), or
+    /// 2, a small signed root with a Merkle tree and one file per host, so a host's cost does
+    /// not grow with the fleet (agents from this version on). Default: `format` from the config,
+    /// else 1.
+    #[arg(long)]
+    format: Option<u32>,
     /// The secret freshness key: a freshness statement for the new release is published with
     /// it (default: [freshness] key from the config).
     #[arg(long)]
@@ -107,6 +113,8 @@ struct Settings {
     groups: BTreeMap<String, Vec<String>>,
     hosts: BTreeMap<String, RawHost>,
     freshness: Freshness,
+    /// 1 (every entry in the document) or 2 (a Merkle root; a file per host).
+    format: u32,
 }
 
 /// What the release does about freshness statements.
@@ -200,7 +208,15 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
         (None, Some(_)) => Freshness::Elsewhere,
         (None, None) => Freshness::Unused,
     };
+    let format = args.format.or(config.raw.format).unwrap_or(FORMAT_VERSION);
+    if format != FORMAT_VERSION && format != FORMAT_TREE {
+        return Err(crate::usage(format!(
+            "release format {format} does not exist: 1 (every host's entry in the document) or \
+             2 (a Merkle root, one file per host)"
+        )));
+    }
     Ok(Settings {
+        format,
         freshness,
         fleet,
         flake,
@@ -326,19 +342,15 @@ fn current_release(settings: &Settings) -> Result<Current> {
             floor: None,
             own_expiry: false,
         };
-        let verified = release::verify(
-            &published.document,
-            &published.signatures,
-            &settings.trust,
-            &context,
-        )
-        .with_context(|| {
-            format!(
+        let verified = published
+            .verify(&settings.trust, &context)
+            .with_context(|| {
+                format!(
                 "the release now in {channel} does not verify with the trusted keys: refusing to \
                  build on it (inspect it with fleet-sign verify --from {channel}; a --cosign \
                  release still waiting for signatures is finished with fleet-sign sign)"
             )
-        })?;
+            })?;
         let accepted = Accepted {
             serial: verified.serial(),
             digest: verified.digest(),
@@ -595,8 +607,8 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
 
-    let document = Release {
-        format: FORMAT_VERSION,
+    let mut document = Release {
+        format: settings.format,
         fleet: settings.fleet.clone(),
         serial,
         issued_at: started,
@@ -607,7 +619,16 @@ pub fn run(args: Args) -> Result<()> {
         },
         substituters: settings.substituters.clone(),
         hosts,
+        host_tree: None,
     };
+    // Format 2: the entries move into a Merkle tree; the document keeps its root.
+    let host_files = (settings.format == FORMAT_TREE).then(|| {
+        let files = release::host_files(&document.fleet, serial, &document.hosts);
+        (std::mem::take(&mut document.hosts), files)
+    });
+    if let Some((_, files)) = &host_files {
+        document.host_tree = Some(files.tree.clone());
+    }
     document
         .validate()
         .map_err(|e| crate::usage(format!("the release would be invalid: {e}")))?;
@@ -615,24 +636,50 @@ pub fn run(args: Args) -> Result<()> {
     bytes.push(b'\n');
     let keys: Vec<&SecretKey> = settings.keys.iter().collect();
     let signatures = SignatureFile::sign(&bytes, &keys);
+    let (hosts_list, pieces) = match host_files {
+        Some((_, files)) => (Some(files.list), files.pieces),
+        None => (None, Vec::new()),
+    };
     let mut published = Published {
         document: bytes,
         signatures: signatures.render().into_bytes(),
         freshness: None,
+        hosts: hosts_list,
+        pieces,
     };
-    // Check the result exactly as a host would before anyone can see it.
-    let verified = release::verify(
-        &published.document,
-        &published.signatures,
-        &settings.self_check,
-        &VerifyContext {
-            fleet: settings.fleet.clone(),
-            now: started,
-            floor: previous.as_ref().map(|(_, a)| *a),
-            own_expiry: true,
-        },
-    )
-    .context("the new release does not verify: nothing was published")?;
+    // Check the result exactly as a host would before anyone can see it (every entry, and a
+    // format-2 release's list against its root; one host's piece against it too).
+    let verified = published
+        .verify(
+            &settings.self_check,
+            &VerifyContext {
+                fleet: settings.fleet.clone(),
+                now: started,
+                floor: previous.as_ref().map(|(_, a)| *a),
+                own_expiry: true,
+            },
+        )
+        .context("the new release does not verify: nothing was published")?;
+    if let Some((path, piece)) = published.pieces.first() {
+        let host = path
+            .rsplit('/')
+            .next()
+            .and_then(|f| f.strip_suffix(".json"))
+            .unwrap_or_default();
+        release::verify(
+            &published.document,
+            &published.signatures,
+            &settings.self_check,
+            &VerifyContext {
+                fleet: settings.fleet.clone(),
+                now: started,
+                floor: None,
+                own_expiry: true,
+            },
+        )
+        .and_then(|v| v.with_host_piece(host, Some(piece)))
+        .context("the new release's host entries do not verify: nothing was published")?;
+    }
     let mut fresh_until = None;
     match &settings.freshness {
         Freshness::Sign(key, lifetime) => {

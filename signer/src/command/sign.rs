@@ -7,6 +7,7 @@ use crate::config::Loaded;
 use anyhow::{Context as _, Result};
 use fleet_agent::release::{
     self, Release, SecretKey, SignatureFile, VerifyContext, VerifyError, MAX_SIGNATURES,
+    SIGNATURE_FILE,
 };
 use std::path::PathBuf;
 
@@ -114,11 +115,9 @@ pub fn run(args: Args) -> Result<()> {
             "the release would carry more than {MAX_SIGNATURES} signatures"
         )));
     }
-    // The statement names the document, not its signatures: it stays valid.
     let signed = Published {
-        document: current.document.clone(),
         signatures: signatures.render().into_bytes(),
-        freshness: current.freshness.clone(),
+        ..current.clone()
     };
     let names: Vec<&str> = keys.iter().map(|k| k.name()).collect();
     let message = format!(
@@ -147,8 +146,14 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     for channel in &channels {
+        // Only the signature file changes: the document, its freshness statement (which names
+        // the document, not its signatures) and a format-2 release's pieces stay.
         let place = channel
-            .publish(&signed, &message)
+            .update(
+                &signed.document,
+                &[(SIGNATURE_FILE, &signed.signatures)],
+                &message,
+            )
             .with_context(|| format!("could not publish to {channel}"))?;
         eprintln!("signed release {} in {channel} ({place})", document.serial);
     }

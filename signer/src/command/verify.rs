@@ -112,7 +112,8 @@ pub fn run(args: Args) -> Result<()> {
         own_expiry: freshness.is_none(),
     };
     let mut fresh = None;
-    let result = release::verify(&published.document, &published.signatures, &trust, &context)
+    let result = published
+        .verify(&trust, &context)
         .and_then(|verified| match &freshness {
             Some(keys) => {
                 fresh = Some(release::verify_freshness(

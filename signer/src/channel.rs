@@ -103,6 +103,11 @@ impl Channel {
             .map_err(anyhow::Error::msg)
     }
 
+    /// Whether this is a git remote.
+    pub fn is_git(&self) -> bool {
+        matches!(self.0, ChannelSpec::Git { .. })
+    }
+
     /// The same channel with a relative directory taken as relative to `base`.
     pub fn relative_to(self, base: &Path) -> Self {
         match self.0 {
@@ -182,10 +187,7 @@ impl Channel {
                 prune_pieces(dir, &release.pieces)?;
                 Ok(dir.display().to_string())
             }
-            ChannelSpec::Http(url) => bail!(
-                "cannot publish to '{url}': fleet-sign publishes to a directory or a git remote; \
-                 publish to the directory this URL serves"
-            ),
+            ChannelSpec::Http(url) => Err(read_only(url)),
             ChannelSpec::Git { url, refname } => {
                 let scratch = git::Scratch::new()?;
                 let parent = scratch.fetch_tip(url, refname)?;
@@ -229,10 +231,7 @@ impl Channel {
                 }
                 Ok(dir.display().to_string())
             }
-            ChannelSpec::Http(url) => bail!(
-                "cannot publish to '{url}': fleet-sign publishes to a directory or a git remote; \
-                 publish to the directory this URL serves"
-            ),
+            ChannelSpec::Http(url) => Err(read_only(url)),
             ChannelSpec::Git { url, refname } => {
                 let scratch = git::Scratch::new()?;
                 let tip = scratch.fetch_tip(url, refname)?.ok_or_else(changed)?;
@@ -252,6 +251,14 @@ impl Channel {
             }
         }
     }
+}
+
+/// Why nothing can be published to an HTTP channel.
+fn read_only(url: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "cannot publish to '{url}': fleet-sign publishes to a directory or a git remote; publish \
+         to the directory this URL serves"
+    )
 }
 
 /// The files of a release commit: the release's two, the statement's when it has one, and a

@@ -5,6 +5,7 @@ mod build;
 mod common;
 mod crash;
 mod disk;
+mod fleet_bench;
 mod format;
 mod freshness;
 mod machine;

@@ -5,7 +5,7 @@
 //! if the host had been installed with it.
 
 use crate::nix::{nix, nix_env, nix_env_with};
-use crate::{binary, run, Run};
+use crate::{run, Run};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -114,8 +114,7 @@ host = "{name}"
 trusted_keys = [{keys}]
 threshold = {threshold}
 channel = "{channel}"
-poll_splay = "0s"
-{poll_interval}{top}
+{poll_splay}{poll_interval}{top}
 [activation]
 mode = "direct"
 timeout = "20s"
@@ -139,6 +138,12 @@ boot_dir = "{boot_dir}"
             keys = keys.join(", "),
             threshold = settings.threshold,
             channel = settings.channel,
+            // None unless the caller sets its own.
+            poll_splay = if top.contains("poll_splay") {
+                ""
+            } else {
+                "poll_splay = \"0s\"\n"
+            },
             // Short unless the caller sets its own.
             poll_interval = if top.contains("poll_interval") {
                 ""
@@ -217,7 +222,7 @@ boot_dir = "{boot_dir}"
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", netns])
-            .arg(binary("fleet-agent"))
+            .args(crate::agent_program())
             .envs(self.env())
             .arg("--config")
             .arg(&self.config_path)

@@ -48,6 +48,8 @@ struct Shared {
     peers: Mutex<Vec<std::net::IpAddr>>,
     /// How many requests were answered 304 Not Modified.
     not_modified: std::sync::atomic::AtomicUsize,
+    /// Body bytes of the files served.
+    served: std::sync::atomic::AtomicU64,
     stop: AtomicBool,
 }
 
@@ -80,6 +82,7 @@ impl HttpServer {
             log: Mutex::new(Vec::new()),
             peers: Mutex::new(Vec::new()),
             not_modified: std::sync::atomic::AtomicUsize::new(0),
+            served: std::sync::atomic::AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
         let thread = {
@@ -127,6 +130,11 @@ impl HttpServer {
     /// Paths requested so far, in order (e.g. `/release.json`, `/nar/…`).
     pub fn requests(&self) -> Vec<String> {
         self.shared.log.lock().unwrap().clone()
+    }
+
+    /// Body bytes of the files served so far (normal mode).
+    pub fn bytes_served(&self) -> u64 {
+        self.shared.served.load(Ordering::Relaxed)
     }
 
     /// How many requests were answered 304 Not Modified (files carry an ETag in normal mode).
@@ -326,6 +334,9 @@ fn respond(shared: &Arc<Shared>, request: tiny_http::Request) {
                             shared.not_modified.fetch_add(1, Ordering::Relaxed);
                             request.respond(tiny_http::Response::empty(304))
                         } else {
+                            shared
+                                .served
+                                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                             let header = tiny_http::Header::from_bytes("ETag", etag).unwrap();
                             request
                                 .respond(tiny_http::Response::from_data(bytes).with_header(header))

@@ -88,20 +88,24 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// A command running the agent the tests exercise: the workspace's `fleet-agent`, or `$FLEET_AGENT`
-/// (another build of it, e.g. the static aarch64 one from `scripts/build-aarch64`) run through
-/// `$FLEET_AGENT_RUNNER` when that is set (e.g. `qemu-aarch64-static`).
+/// The command line that runs the agent the tests exercise: the workspace's `fleet-agent`, or
+/// `$FLEET_AGENT` (another build of it: the release build for benchmarks, the static aarch64
+/// one from `scripts/build-aarch64`), behind `$FLEET_AGENT_RUNNER` when that is set (e.g.
+/// `qemu-aarch64-static`).
+pub fn agent_program() -> Vec<std::ffi::OsString> {
+    let agent = std::env::var_os("FLEET_AGENT").unwrap_or_else(|| binary("fleet-agent").into());
+    std::env::var_os("FLEET_AGENT_RUNNER")
+        .into_iter()
+        .chain([agent])
+        .collect()
+}
+
+/// A command running [`agent_program`].
 pub fn agent_command() -> Command {
-    let agent =
-        std::env::var_os("FLEET_AGENT").map_or_else(|| binary("fleet-agent"), PathBuf::from);
-    match std::env::var_os("FLEET_AGENT_RUNNER") {
-        Some(runner) => {
-            let mut command = Command::new(runner);
-            command.arg(agent);
-            command
-        }
-        None => Command::new(agent),
-    }
+    let program = agent_program();
+    let mut command = Command::new(&program[0]);
+    command.args(&program[1..]);
+    command
 }
 
 /// A command for one of the workspace's binaries, with the test Nix environment.

@@ -5,7 +5,7 @@
 //!   root namespace (servers: channel, cache, collector)   10.213.K.1/24
 //!        │ veth
 //!   router namespace "<p>r"   WAN 10.213.K.2/24, masquerade; forwards nothing inbound
-//!        │ one veth pair per host, 10.214.K.(4i+1)/30 ↔ 10.214.K.(4i+2)/30
+//!        │ one veth pair per host, 10.(214+i/64).K.(4(i%64)+1)/30 ↔ …(4(i%64)+2)/30
 //!   host namespaces "<p>h0", "<p>h1", …   default route via the router
 //! ```
 //!
@@ -52,7 +52,7 @@ fn in_ns(ns: &str, program: &str, args: &[&str]) {
 impl NatNetwork {
     /// Makes the router and `hosts` host namespaces behind it.
     pub fn new(hosts: usize) -> Self {
-        assert!(hosts <= 60, "one /30 per host in a /24");
+        assert!(hosts <= 256, "one /30 per host, 64 per /24, four /24s");
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let network = Self {
@@ -87,7 +87,13 @@ impl NatNetwork {
 
     /// Host `i`'s own address behind the router.
     pub fn host_ip(&self, i: usize) -> String {
-        format!("10.214.{}.{}", self.subnet, 4 * i + 2)
+        let (net, base) = self.lan(i);
+        format!("{net}.{}", base + 2)
+    }
+
+    /// Host `i`'s /30: the first three octets and the base of its last.
+    fn lan(&self, i: usize) -> (String, usize) {
+        (format!("10.{}.{}", 214 + i / 64, self.subnet), 4 * (i % 64))
     }
 
     fn build(&self) {
@@ -153,13 +159,13 @@ impl NatNetwork {
                 "link", "add", &lan, "netns", &router, "type", "veth", "peer", "name", "eth0",
                 "netns", &host,
             ]);
-            let base = 4 * i;
+            let (net, base) = self.lan(i);
             ip(&[
                 "-n",
                 &router,
                 "addr",
                 "add",
-                &format!("10.214.{k}.{}/30", base + 1),
+                &format!("{net}.{}/30", base + 1),
                 "dev",
                 &lan,
             ]);
@@ -169,7 +175,7 @@ impl NatNetwork {
                 &host,
                 "addr",
                 "add",
-                &format!("10.214.{k}.{}/30", base + 2),
+                &format!("{net}.{}/30", base + 2),
                 "dev",
                 "eth0",
             ]);
@@ -182,7 +188,7 @@ impl NatNetwork {
                 "add",
                 "default",
                 "via",
-                &format!("10.214.{k}.{}", base + 1),
+                &format!("{net}.{}", base + 1),
             ]);
         }
     }

@@ -1,0 +1,193 @@
+//! The fleet benchmark (`bench/fleet`, ignored by the test run): N real agent daemons, each in
+//! its own network namespace behind one NAT router and with its own chroot store, against the
+//! HTTP channel, the binary cache over HTTP and release format 2; a sequence of releases, each
+//! changing every host. Per release: release-to-committed per host (median, p95, max) against
+//! the poll interval, bytes the channel and the cache served, and the agents' RSS and CPU.
+//!
+//! Settings from the environment: FLEET_BENCH_HOSTS (50), FLEET_BENCH_RELEASES (3),
+//! FLEET_BENCH_POLL (poll interval and splay, 10s); FLEET_AGENT to run another agent build (bench/fleet
+//! passes the release build). Prints a table on stderr and JSON on stdout.
+
+use crate::common::{Channel, Fleet};
+use fleet_tests::netns::NatNetwork;
+use fleet_tests::KillOnDrop;
+use std::time::{Duration, Instant};
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name).map_or(default, |v| v.parse().expect(name))
+}
+
+/// (resident KiB, CPU seconds) of a process.
+fn usage(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    (rss, ticks as f64 / 100.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[test]
+#[ignore = "a benchmark: bench/fleet runs it"]
+fn fleet_benchmark() {
+    let n = setting("FLEET_BENCH_HOSTS", 50) as usize;
+    let releases = setting("FLEET_BENCH_RELEASES", 3);
+    let poll = setting("FLEET_BENCH_POLL", 10);
+    let net = NatNetwork::new(n);
+    let names: Vec<String> = (0..n).map(|i| format!("h{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut fleet = Fleet::new_on(&refs, &net.server_ip());
+    let started = Instant::now();
+    let hosts: Vec<_> = names
+        .iter()
+        .map(|name| fleet.host(name, Channel::Http))
+        .collect();
+    let keys = [fleet.release_public_key()];
+    let url = fleet.channel_url(Channel::Http);
+    for host in &hosts {
+        host.write_config(
+            &fleet.settings(&keys, 1, &url),
+            // A splay as long as the interval, as a real fleet would have: no lockstep.
+            &format!("poll_interval = \"{poll}s\"\npoll_splay = \"{poll}s\""),
+            "",
+        );
+    }
+    eprintln!(
+        "{n} hosts set up in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let agents: Vec<KillOnDrop> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
+            KillOnDrop(
+                host.agent_in_netns(&net.host(i), &["run"])
+                    .stderr(log)
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    // Let every agent make its first poll (an empty channel) and settle.
+    std::thread::sleep(Duration::from_secs(poll + 2));
+    let idle: Vec<(u64, f64)> = agents.iter().map(|a| usage(a.0.id())).collect();
+
+    let mut rows = Vec::new();
+    for release in 1..=releases {
+        for name in &names {
+            fleet
+                .fleet
+                .set(name, |h| h.version = format!("bench-{release}"));
+        }
+        fleet.fleet.commit(&format!("release {release}"));
+        let (www, cache) = (fleet.www.bytes_served(), fleet.cache_server.bytes_served());
+        let built = Instant::now();
+        fleet.release(&["--format", "2"]).ok();
+        let published = Instant::now();
+        let build_seconds = (published - built).as_secs_f64();
+        let list: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fleet.channel_dir.join(fleet_agent::release::HOSTS_FILE)).unwrap(),
+        )
+        .unwrap();
+        let wanted: Vec<String> = names
+            .iter()
+            .map(|n| list["hosts"][n]["toplevel"].as_str().unwrap().to_owned())
+            .collect();
+        let mut done: Vec<Option<f64>> = vec![None; n];
+        let deadline = published + Duration::from_secs(poll * 3 + 120 + n as u64);
+        while done.iter().any(Option::is_none) && Instant::now() < deadline {
+            for (i, host) in hosts.iter().enumerate() {
+                if done[i].is_none() {
+                    let path = host.state_dir.join("state.json");
+                    let committed = std::fs::read(&path)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                        .is_some_and(|s| s["last_good"] == wanted[i].as_str());
+                    if committed {
+                        done[i] = Some(published.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut times: Vec<f64> = done.iter().flatten().copied().collect();
+        times.sort_by(f64::total_cmp);
+        assert_eq!(
+            times.len(),
+            n,
+            "release {release}: not every host committed in time"
+        );
+        let usage: Vec<(u64, f64)> = agents.iter().map(|a| usage(a.0.id())).collect();
+        rows.push(serde_json::json!({
+            "release": release,
+            "hosts": n,
+            "poll_interval_s": poll,
+            "fleet_sign_release_s": build_seconds,
+            "committed_s": {
+                "median": percentile(&times, 0.5),
+                "p95": percentile(&times, 0.95),
+                "max": times[n - 1],
+            },
+            "channel_bytes": fleet.www.bytes_served() - www,
+            "cache_bytes": fleet.cache_server.bytes_served() - cache,
+            "agent_rss_kib_max": usage.iter().map(|u| u.0).max(),
+            "agent_cpu_s_total": usage.iter().map(|u| u.1).sum::<f64>(),
+        }));
+    }
+    let idle_rss: Vec<u64> = idle.iter().map(|u| u.0).collect();
+    eprintln!(
+        "\n{n} agents, poll interval {poll} s, idle RSS {}..{} KiB",
+        idle_rss.iter().min().unwrap(),
+        idle_rss.iter().max().unwrap()
+    );
+    eprintln!(
+        "{:>7} {:>9} {:>9} {:>9} {:>9} {:>12} {:>12} {:>11} {:>10}",
+        "release",
+        "sign (s)",
+        "median",
+        "p95",
+        "max",
+        "channel B",
+        "cache B",
+        "max RSS KiB",
+        "CPU s"
+    );
+    for row in &rows {
+        eprintln!(
+            "{:>7} {:>9.1} {:>8.1}s {:>8.1}s {:>8.1}s {:>12} {:>12} {:>11} {:>10.1}",
+            row["release"],
+            row["fleet_sign_release_s"].as_f64().unwrap(),
+            row["committed_s"]["median"].as_f64().unwrap(),
+            row["committed_s"]["p95"].as_f64().unwrap(),
+            row["committed_s"]["max"].as_f64().unwrap(),
+            row["channel_bytes"],
+            row["cache_bytes"],
+            row["agent_rss_kib_max"],
+            row["agent_cpu_s_total"].as_f64().unwrap()
+        );
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "hosts": n,
+            "poll_interval_s": poll,
+            "idle_rss_kib_max": idle_rss.iter().max(),
+            "releases": rows,
+        }))
+        .unwrap()
+    );
+}

@@ -85,8 +85,14 @@ pub fn command_line(command: &Command) -> String {
 
 /// Renders a `std` command line for logs and errors (quoting arguments with spaces).
 pub fn std_command_line(std: &std::process::Command) -> String {
-    std::iter::once(std.get_program())
+    /// Arguments shown: a command over a whole fleet's store paths has thousands.
+    const SHOWN: usize = 24;
+    let args: Vec<_> = std::iter::once(std.get_program())
         .chain(std.get_args())
+        .collect();
+    let mut line = args
+        .iter()
+        .take(SHOWN)
         .map(|a| {
             let a = a.to_string_lossy();
             if a.is_empty() || a.contains([' ', '"', '\'', '\n']) {
@@ -96,7 +102,11 @@ pub fn std_command_line(std: &std::process::Command) -> String {
             }
         })
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    if args.len() > SHOWN {
+        line += &format!(" … ({} more arguments)", args.len() - SHOWN);
+    }
+    line
 }
 
 /// Kills a whole process group (the child was made its leader), so grandchildren go too.

@@ -295,9 +295,13 @@ fn write_pieces(dir: &Path, pieces: &[(String, Vec<u8>)]) -> Result<()> {
             std::fs::create_dir_all(&parent)
                 .with_context(|| format!("could not create directory {}", parent.display()))?;
         }
-        std::fs::write(&path, bytes)
+        // Readable by the web server whatever the umask; set on the open file, no second lookup.
+        std::fs::File::create(&path)
+            .and_then(|mut file| {
+                file.write_all(bytes)?;
+                file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            })
             .with_context(|| format!("could not write {}", path.display()))?;
-        set_mode(&path, 0o644)?;
     }
     // The files' data and the directories' entries, in one call for the file system.
     if let Some(parent) = dirs.first() {

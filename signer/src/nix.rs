@@ -76,16 +76,23 @@ pub fn toplevel_attr(flake: &str, host: &str) -> String {
     format!("{flake}#nixosConfigurations.\"{host}\".config.system.build.toplevel")
 }
 
+/// Arguments per command: a fleet's store paths or attributes on one command line would pass
+/// Linux's limit on arguments (2 MiB) from about 20,000 hosts.
+const BATCH: usize = 2_000;
+
 /// Builds (or substitutes) each host's toplevel; returns host -> store path.
 pub fn build_toplevels(flake: &str, hosts: &[String]) -> Result<BTreeMap<String, String>> {
     #[derive(Deserialize)]
     struct Built {
         outputs: BTreeMap<String, String>,
     }
-    let mut command = nix();
-    command.args(["build", "--json", "--no-link"]);
-    command.args(hosts.iter().map(|h| toplevel_attr(flake, h)));
-    let built: Vec<Built> = json(command, "nix build")?;
+    let mut built: Vec<Built> = Vec::new();
+    for batch in hosts.chunks(BATCH) {
+        let mut command = nix();
+        command.args(["build", "--json", "--no-link"]);
+        command.args(batch.iter().map(|h| toplevel_attr(flake, h)));
+        built.extend(json::<Vec<Built>>(command, "nix build")?);
+    }
     if built.len() != hosts.len() {
         bail!(
             "nix build returned {} results for {} hosts",
@@ -127,46 +134,65 @@ pub fn path_info(store: Option<&str>, paths: &[String]) -> Result<BTreeMap<Strin
         List(Vec<PathInfo>),
         Map(BTreeMap<String, Option<PathInfo>>),
     }
-    let mut command = nix();
-    command.args(["path-info", "--json", "--closure-size"]);
-    if let Some(store) = store {
-        command.args(["--store", store]);
+    let mut infos = BTreeMap::new();
+    for batch in unique(paths).chunks(BATCH) {
+        let mut command = nix();
+        command.args(["path-info", "--json", "--closure-size"]);
+        if let Some(store) = store {
+            command.args(["--store", store]);
+        }
+        command.args(batch);
+        match json::<Listing>(command, "nix path-info")? {
+            Listing::List(list) => infos.extend(
+                list.into_iter()
+                    .filter(|i| i.valid != Some(false))
+                    .filter_map(|i| Some((i.path.clone()?, i))),
+            ),
+            Listing::Map(map) => infos.extend(
+                map.into_iter()
+                    .filter_map(|(path, info)| Some((path, info?))),
+            ),
+        }
     }
-    command.args(paths);
-    let listing: Listing = json(command, "nix path-info")?;
-    Ok(match listing {
-        Listing::List(infos) => infos
-            .into_iter()
-            .filter(|i| i.valid != Some(false))
-            .filter_map(|i| Some((i.path.clone()?, i)))
-            .collect(),
-        Listing::Map(map) => map
-            .into_iter()
-            .filter_map(|(path, info)| Some((path, info?)))
-            .collect(),
-    })
+    Ok(infos)
+}
+
+/// Each path once, in order: many hosts may share a system.
+fn unique(paths: &[String]) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    paths
+        .iter()
+        .filter(|p| seen.insert(p.as_str()))
+        .cloned()
+        .collect()
 }
 
 /// Copies the closures of `paths` to the binary cache at `to` (anything `nix copy --to` takes).
 pub fn copy_to(to: &str, paths: &[String]) -> Result<(), ProcessError> {
-    let mut command = nix();
-    command.args(["copy", "--to", to]);
-    command.args(paths);
-    process::run(command).map(drop)
+    for batch in unique(paths).chunks(BATCH) {
+        let mut command = nix();
+        command.args(["copy", "--to", to]);
+        command.args(batch);
+        process::run(command)?;
+    }
+    Ok(())
 }
 
 /// Checks that the whole closure of each path is in `store` and signed by one of `keys`.
 pub fn verify_in_store(store: &str, keys: &[String], paths: &[String]) -> Result<(), ProcessError> {
-    let mut command = nix();
-    command.args([
-        "store",
-        "verify",
-        "--recursive",
-        "--no-contents",
-        "--store",
-        store,
-    ]);
-    command.args(["--trusted-public-keys", &keys.join(" ")]);
-    command.args(paths);
-    process::run(command).map(drop)
+    for batch in unique(paths).chunks(BATCH) {
+        let mut command = nix();
+        command.args([
+            "store",
+            "verify",
+            "--recursive",
+            "--no-contents",
+            "--store",
+            store,
+        ]);
+        command.args(["--trusted-public-keys", &keys.join(" ")]);
+        command.args(batch);
+        process::run(command)?;
+    }
+    Ok(())
 }

@@ -1,16 +1,18 @@
 //! The fleet benchmark (`bench/fleet`, ignored by the test run): N real agent daemons, each in
 //! its own network namespace behind one NAT router and with its own chroot store, against the
-//! HTTP channel, the binary cache over HTTP and release format 2; a sequence of releases, each
-//! changing every host. Per release: release-to-committed per host (median, p95, max) against
-//! the poll interval, bytes the channel and the cache served, and the agents' RSS and CPU.
+//! HTTP channel, the binary cache over HTTP, a collector and release format 2; a sequence of
+//! releases, each changing every host. Per release: release-to-committed per host (median, p95,
+//! max) against the poll interval, until the collector shows every host healthy on it, bytes the
+//! channel and the cache served, and the agents' and the collector's RSS and CPU.
 //!
 //! Settings from the environment: FLEET_BENCH_HOSTS (50), FLEET_BENCH_RELEASES (3),
 //! FLEET_BENCH_POLL (poll interval and splay, 10s); FLEET_AGENT to run another agent build (bench/fleet
 //! passes the release build). Prints a table on stderr and JSON on stdout.
 
 use crate::common::{Channel, Fleet};
+use fleet_tests::collector::Collector;
 use fleet_tests::netns::NatNetwork;
-use fleet_tests::KillOnDrop;
+use fleet_tests::{run, KillOnDrop};
 use std::time::{Duration, Instant};
 
 fn setting(name: &str, default: u64) -> u64 {
@@ -57,14 +59,27 @@ fn fleet_benchmark() {
         .collect();
     let keys = [fleet.release_public_key()];
     let url = fleet.channel_url(Channel::Http);
+    let collector = Collector::start_on(
+        &format!("{}:0", net.server_ip()),
+        &fleet.dir.join("collector.db"),
+        &fleet.channel_dir.display().to_string(),
+        &fleet.release_public_key(),
+    );
+    // Every host's report key goes into the release (fleet.toml), as an operator's would.
+    let mut toml = String::new();
     for host in &hosts {
+        let key = run(host.agent(&["identity"])).ok().stdout.trim().to_owned();
+        toml += &format!("[hosts.{}]\nreport_key = \"{key}\"\n", host.name);
         host.write_config(
             &fleet.settings(&keys, 1, &url),
             // A splay as long as the interval, as a real fleet would have: no lockstep.
             &format!("poll_interval = \"{poll}s\"\npoll_splay = \"{poll}s\""),
-            "",
+            &format!("[report]\nurl = \"{}\"\n", collector.url),
         );
     }
+    let config = fleet.dir.join("fleet.toml");
+    std::fs::write(&config, toml).unwrap();
+    let config = config.display().to_string();
     eprintln!(
         "{n} hosts set up in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -96,7 +111,7 @@ fn fleet_benchmark() {
         fleet.fleet.commit(&format!("release {release}"));
         let (www, cache) = (fleet.www.bytes_served(), fleet.cache_server.bytes_served());
         let built = Instant::now();
-        fleet.release(&["--format", "2"]).ok();
+        fleet.release(&["--format", "2", "--config", &config]).ok();
         let published = Instant::now();
         let build_seconds = (published - built).as_secs_f64();
         let list: serde_json::Value = serde_json::from_slice(
@@ -131,6 +146,26 @@ fn fleet_benchmark() {
             n,
             "release {release}: not every host committed in time"
         );
+        // What the operator sees: every host healthy on the new release at the collector.
+        let all_reported = || {
+            let view = collector.fleet();
+            let listed: Vec<&serde_json::Value> = view["hosts"]
+                .as_array()
+                .map(|hosts| hosts.iter().filter(|h| h["listed"] == true).collect())
+                .unwrap_or_default();
+            listed.len() == n
+                && listed
+                    .iter()
+                    .all(|h| h["health"] == "ok" && h["report"]["committed"] == release)
+        };
+        while !all_reported() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert!(
+            all_reported(),
+            "release {release}: the collector does not show every host healthy"
+        );
+        let reported = published.elapsed().as_secs_f64();
         let usage: Vec<(u64, f64)> = agents.iter().map(|a| usage(a.0.id())).collect();
         rows.push(serde_json::json!({
             "release": release,
@@ -142,10 +177,12 @@ fn fleet_benchmark() {
                 "p95": percentile(&times, 0.95),
                 "max": times[n - 1],
             },
+            "all_healthy_at_collector_s": reported,
             "channel_bytes": fleet.www.bytes_served() - www,
             "cache_bytes": fleet.cache_server.bytes_served() - cache,
             "agent_rss_kib_max": usage.iter().map(|u| u.0).max(),
             "agent_cpu_s_total": usage.iter().map(|u| u.1).sum::<f64>(),
+            "collector_rss_kib": collector.pid().map(|pid| self::usage(pid).0),
         }));
     }
     let idle_rss: Vec<u64> = idle.iter().map(|u| u.0).collect();
@@ -155,12 +192,13 @@ fn fleet_benchmark() {
         idle_rss.iter().max().unwrap()
     );
     eprintln!(
-        "{:>7} {:>9} {:>9} {:>9} {:>9} {:>12} {:>12} {:>11} {:>10}",
+        "{:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>12} {:>11} {:>10}",
         "release",
         "sign (s)",
         "median",
         "p95",
         "max",
+        "all ok",
         "channel B",
         "cache B",
         "max RSS KiB",
@@ -168,12 +206,13 @@ fn fleet_benchmark() {
     );
     for row in &rows {
         eprintln!(
-            "{:>7} {:>9.1} {:>8.1}s {:>8.1}s {:>8.1}s {:>12} {:>12} {:>11} {:>10.1}",
+            "{:>7} {:>9.1} {:>8.1}s {:>8.1}s {:>8.1}s {:>8.1}s {:>12} {:>12} {:>11} {:>10.1}",
             row["release"],
             row["fleet_sign_release_s"].as_f64().unwrap(),
             row["committed_s"]["median"].as_f64().unwrap(),
             row["committed_s"]["p95"].as_f64().unwrap(),
             row["committed_s"]["max"].as_f64().unwrap(),
+            row["all_healthy_at_collector_s"].as_f64().unwrap(),
             row["channel_bytes"],
             row["cache_bytes"],
             row["agent_rss_kib_max"],

@@ -235,7 +235,7 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
 
 /// The systems given with `--paths` or `--paths-from`, checked against the flake's hosts; `None`
 /// when the hosts are to be built.
-fn prebuilt_paths(args: &Args, all_hosts: &[String]) -> Result<Option<BTreeMap<String, String>>> {
+fn prebuilt_paths(args: &Args, all_hosts: &Hosts) -> Result<Option<BTreeMap<String, String>>> {
     let pairs: Vec<(String, String)> = if let Some(file) = &args.paths_from {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("could not read {}", file.display()))?;
@@ -262,10 +262,10 @@ fn prebuilt_paths(args: &Args, all_hosts: &[String]) -> Result<Option<BTreeMap<S
     };
     let mut given = BTreeMap::new();
     for (host, path) in pairs {
-        if !all_hosts.contains(&host) {
+        if !all_hosts.set.contains(host.as_str()) {
             return Err(crate::usage(format!(
                 "unknown host '{host}' in --paths: the flake's nixosConfigurations are {}",
-                all_hosts.join(", ")
+                all_hosts.listed()
             )));
         }
         StorePath::parse(&path)
@@ -283,13 +283,44 @@ fn prebuilt_paths(args: &Args, all_hosts: &[String]) -> Result<Option<BTreeMap<S
 }
 
 /// Resolves `--on` (names and @groups) against the flake's hosts.
+/// The flake's hosts, in order and as a set: a fleet can have 100,000, so membership is never a
+/// scan of the list.
+struct Hosts<'a> {
+    list: &'a [String],
+    set: BTreeSet<&'a str>,
+}
+
+impl<'a> Hosts<'a> {
+    fn new(list: &'a [String]) -> Self {
+        Self {
+            list,
+            set: list.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// The names for an error message: the first 20, and how many more.
+    fn listed(&self) -> String {
+        let mut text = self
+            .list
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.list.len() > 20 {
+            text += &format!(" and {} more", self.list.len() - 20);
+        }
+        text
+    }
+}
+
 fn select_hosts(
     on: &[String],
-    all: &[String],
+    all: &Hosts,
     groups: &BTreeMap<String, Vec<String>>,
 ) -> Result<Vec<String>> {
     if on.is_empty() {
-        return Ok(all.to_vec());
+        return Ok(all.list.to_vec());
     }
     let mut chosen = BTreeSet::new();
     for item in on.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
@@ -308,10 +339,10 @@ fn select_hosts(
             None => vec![item.to_owned()],
         };
         for name in names {
-            if !all.contains(&name) {
+            if !all.set.contains(name.as_str()) {
                 return Err(crate::usage(format!(
                     "unknown host '{name}' in --on: the flake's nixosConfigurations are {}",
-                    all.join(", ")
+                    all.listed()
                 )));
             }
             chosen.insert(name);
@@ -476,7 +507,8 @@ pub fn run(args: Args) -> Result<()> {
             settings.flake
         )));
     }
-    let all_hosts = nix::list_hosts(&source.locked_url)?;
+    let host_list = nix::list_hosts(&source.locked_url)?;
+    let all_hosts = Hosts::new(&host_list);
     let chosen = select_hosts(&args.on, &all_hosts, &settings.groups)?;
     if chosen.is_empty() {
         return Err(crate::usage(format!(
@@ -484,7 +516,7 @@ pub fn run(args: Args) -> Result<()> {
             settings.flake
         )));
     }
-    for host in &all_hosts {
+    for host in &host_list {
         if !release::is_valid_name(host) {
             return Err(crate::usage(format!(
                 "host name '{host}' cannot be used in a release: use letters, digits and '.-_'"
@@ -560,7 +592,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut hosts: BTreeMap<String, HostEntry> = BTreeMap::new();
     if let Some((release, _)) = &previous {
         for (name, entry) in &release.hosts {
-            if all_hosts.contains(name) {
+            if all_hosts.set.contains(name.as_str()) {
                 hosts.insert(name.clone(), entry.clone());
             } else {
                 eprintln!(
@@ -594,16 +626,22 @@ pub fn run(args: Args) -> Result<()> {
             entry.wave = config.wave.or(entry.wave);
         }
     }
-    if hosts.len() < all_hosts.len() {
-        let missing: Vec<&str> = all_hosts
+    if hosts.len() < host_list.len() {
+        let missing: Vec<&str> = host_list
             .iter()
             .filter(|h| !hosts.contains_key(*h))
             .map(String::as_str)
             .collect();
+        let shown = missing
+            .iter()
+            .take(20)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
         eprintln!(
-            "note: {} host(s) have no entry yet and will refuse this release: {}",
+            "note: {} host(s) have no entry yet and will refuse this release: {shown}{}",
             missing.len(),
-            missing.join(", ")
+            if missing.len() > 20 { ", …" } else { "" }
         );
     }
 
@@ -780,10 +818,11 @@ mod tests {
 
     #[test]
     fn selects_names_and_groups() {
-        let all: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let list: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let all = Hosts::new(&list);
         let groups = BTreeMap::from([("pair".to_owned(), vec!["a".to_owned(), "c".to_owned()])]);
         let on = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert_eq!(select_hosts(&[], &all, &groups).unwrap(), all);
+        assert_eq!(select_hosts(&[], &all, &groups).unwrap(), list);
         assert_eq!(
             select_hosts(&on(&["@pair", "a"]), &all, &groups).unwrap(),
             on(&["a", "c"])
@@ -794,6 +833,13 @@ mod tests {
             "unknown host 'd' in --on: the flake's nixosConfigurations are a, b, c"
         );
         assert!(select_hosts(&on(&["@nope"]), &all, &groups).is_err());
+        // A large fleet's error names the first 20 hosts, not all of them.
+        let many: Vec<String> = (0..1000).map(|i| format!("h{i:04}")).collect();
+        let err = select_hosts(&on(&["d"]), &Hosts::new(&many), &groups).unwrap_err();
+        assert!(
+            err.to_string().ends_with("h0018, h0019 and 980 more"),
+            "{err}"
+        );
     }
 
     #[test]

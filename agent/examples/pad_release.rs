@@ -5,6 +5,9 @@
 //!
 //! `cargo run --release -p fleet-agent --example pad_release DIR HOSTS FORMAT KEY`
 
+#[path = "support/mod.rs"]
+mod support;
+
 use fleet_agent::release::{
     host_files, HostEntry, Release, SecretKey, SignatureFile, StorePath, DOCUMENT_FILE,
     FORMAT_TREE, HOSTS_FILE, SIGNATURE_FILE,
@@ -27,12 +30,7 @@ fn main() {
     let mut i = 0;
     while release.hosts.len() < hosts {
         i += 1;
-        let digest = fleet_agent::release::Digest::of(format!("{i}").as_bytes()).to_string();
-        let hash: String = digest
-            .bytes()
-            .take(32)
-            .map(|b| b"0123456789abcdfghijklmnpqrsvwxyz"[usize::from(b) % 32] as char)
-            .collect();
+        let hash = support::store_hash(i);
         let entry = HostEntry {
             toplevel: StorePath::parse(&format!("/nix/store/{hash}-nixos-system-pad-{i:06}"))
                 .unwrap(),

@@ -9,9 +9,12 @@
 //! time to build the tree and every piece, sign the root and write all pieces to a directory
 //! (what `fleet-sign release` does after its builds, minus `hosts.json` and fsyncs).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use fleet_agent::release::{
-    host_files, verify, HostEntry, Release, SecretKey, SignatureFile, Source, StorePath,
-    TrustPolicy, VerifyContext, FORMAT_TREE, FORMAT_VERSION,
+    host_files, verify, HostEntry, SecretKey, SignatureFile, StorePath, TrustPolicy, VerifyContext,
+    FORMAT_TREE, FORMAT_VERSION,
 };
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -23,13 +26,7 @@ fn entries(hosts: usize) -> BTreeMap<String, HostEntry> {
         .to_string();
     (0..hosts)
         .map(|i| {
-            // Distinct, random-looking store hashes, as real ones are.
-            let digest = fleet_agent::release::Digest::of(format!("{i}").as_bytes()).to_string();
-            let hash: String = digest
-                .bytes()
-                .take(32)
-                .map(|b| b"0123456789abcdfghijklmnpqrsvwxyz"[usize::from(b) % 32] as char)
-                .collect();
+            let hash = support::store_hash(i);
             let entry = HostEntry {
                 toplevel: StorePath::parse(&format!(
                     "/nix/store/{hash}-nixos-system-host-{i:06}-24.11.20241122.abcdef0"
@@ -42,23 +39,6 @@ fn entries(hosts: usize) -> BTreeMap<String, HostEntry> {
             (format!("host-{i:06}"), entry)
         })
         .collect()
-}
-
-fn release(format: u32, hosts: BTreeMap<String, HostEntry>) -> Release {
-    Release {
-        format,
-        fleet: "bench".into(),
-        serial: 7,
-        issued_at: 1_800_000_000,
-        expires: 1_900_000_000,
-        source: Source {
-            repo: "git+https://example.org/fleet.git".into(),
-            commit: Some("56697b0912ba35bff5f5d74e6c61a31052c3f1fc".into()),
-        },
-        substituters: vec!["https://cache.example.org".into()],
-        hosts,
-        host_tree: None,
-    }
 }
 
 fn median(mut times: Vec<Duration>) -> f64 {
@@ -90,7 +70,8 @@ fn main() {
         let rounds = if hosts >= 100_000 { 5 } else { 21 };
 
         // Format 1: the whole document. Past its 8 MiB limit it cannot be published at all.
-        let document = serde_json::to_vec_pretty(&release(FORMAT_VERSION, all.clone())).unwrap();
+        let document =
+            serde_json::to_vec_pretty(&support::release(FORMAT_VERSION, 7, all.clone())).unwrap();
         let signatures = SignatureFile::sign(&document, &[&key])
             .render()
             .into_bytes();
@@ -113,7 +94,7 @@ fn main() {
         // Format 2: the root, its signature, this host's piece.
         let started = Instant::now();
         let files = host_files("bench", 7, &all);
-        let mut root = release(FORMAT_TREE, BTreeMap::new());
+        let mut root = support::release(FORMAT_TREE, 7, BTreeMap::new());
         root.host_tree = Some(files.tree.clone());
         let mut root_bytes = serde_json::to_vec_pretty(&root).unwrap();
         root_bytes.push(b'\n');

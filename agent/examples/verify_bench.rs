@@ -2,9 +2,12 @@
 //!
 //! `cargo run --release -p fleet-agent --example verify_bench [HOSTS] [ROUNDS]`
 
+#[path = "support/mod.rs"]
+mod support;
+
 use fleet_agent::release::{
-    verify, HostEntry, Release, SecretKey, SignatureFile, Source, StorePath, TrustPolicy,
-    VerifyContext, FORMAT_VERSION,
+    verify, HostEntry, SecretKey, SignatureFile, StorePath, TrustPolicy, VerifyContext,
+    FORMAT_VERSION,
 };
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -34,20 +37,7 @@ fn main() {
             },
         );
     }
-    let release = Release {
-        format: FORMAT_VERSION,
-        fleet: "bench".into(),
-        serial: 1,
-        issued_at: 1_800_000_000,
-        expires: 1_900_000_000,
-        source: Source {
-            repo: "git+https://example.org/fleet.git".into(),
-            commit: Some("56697b0912ba35bff5f5d74e6c61a31052c3f1fc".into()),
-        },
-        substituters: vec!["https://cache.example.org".into()],
-        hosts: entries,
-        host_tree: None,
-    };
+    let release = support::release(FORMAT_VERSION, 1, entries);
     let document = serde_json::to_vec_pretty(&release).unwrap();
     let signatures = SignatureFile::sign(&document, &[&key])
         .render()

@@ -78,6 +78,13 @@ enum Files {
     WithFreshness = 4,
 }
 
+/// Whether a format-2 release's `hosts.json` is read (every entry: megabytes in a large fleet).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HostList {
+    Read,
+    Skip,
+}
+
 /// A channel's files as read (`None`: missing), in the order of [`FILES`], as a release.
 fn assemble(files: [Option<Vec<u8>>; 4]) -> Option<Published> {
     let [document, signatures, statement, statement_signatures] = files;
@@ -120,15 +127,21 @@ impl Channel {
 
     /// The release the channel holds now, or `None` when it holds none yet.
     pub fn read(&self) -> Result<Option<Published>> {
-        self.read_files(Files::Release)
+        self.read_files(Files::Release, HostList::Read)
     }
 
     /// The release and its freshness statement, if the channel holds one.
     pub fn read_with_freshness(&self) -> Result<Option<Published>> {
-        self.read_files(Files::WithFreshness)
+        self.read_files(Files::WithFreshness, HostList::Read)
     }
 
-    fn read_files(&self, files: Files) -> Result<Option<Published>> {
+    /// The release and its freshness statement without a format-2 release's host list: for
+    /// [`Self::update`], which changes files beside a release and never needs every entry.
+    pub fn read_for_update(&self) -> Result<Option<Published>> {
+        self.read_files(Files::WithFreshness, HostList::Skip)
+    }
+
+    fn read_files(&self, files: Files, host_list: HostList) -> Result<Option<Published>> {
         let mut names = FILES[..files as usize].to_vec();
         // A format-2 root names its hosts in hosts.json: read it too (the verifier checks it
         // against the signed root). Known only after reading the root, so it comes last.
@@ -138,7 +151,8 @@ impl Channel {
             struct Probe {
                 format: u32,
             }
-            serde_json::from_slice::<Probe>(document).is_ok_and(|p| p.format == FORMAT_TREE)
+            host_list == HostList::Read
+                && serde_json::from_slice::<Probe>(document).is_ok_and(|p| p.format == FORMAT_TREE)
         };
         match &self.0 {
             ChannelSpec::Directory(dir) => read_directory(dir, &names, wants_hosts),

@@ -166,14 +166,13 @@ impl Fleet {
         expires: u64,
         keys: &[&SecretKey],
     ) -> (Vec<u8>, Vec<u8>) {
-        release::Statement {
-            format: 1,
-            fleet: "home".into(),
+        release::Statement::new(
+            "home",
             serial,
-            release: release::Digest::of(document).to_string(),
-            issued_at: issued,
+            release::Digest::of(document),
+            issued,
             expires,
-        }
+        )
         .sign(keys)
     }
 

@@ -32,10 +32,7 @@ impl Collector {
 
     /// Starts a collector on a free loopback port with more `fleet-sign collect` arguments.
     pub fn start_with(database: &Path, from: &str, key: &str, extra: &[&str]) -> Self {
-        let mut collector = Self::new(None, None, "127.0.0.1:0", database, from, key);
-        collector.extra = extra.iter().map(|a| (*a).to_owned()).collect();
-        collector.restart();
-        collector
+        Self::launch(None, None, "127.0.0.1:0", database, (from, key), extra)
     }
 
     /// Starts a collector listening on `listen`.
@@ -51,31 +48,19 @@ impl Collector {
         from: &str,
         key: &str,
     ) -> Self {
-        Self::launch(program, None, listen, database, from, key)
+        Self::launch(program, None, listen, database, (from, key), &[])
     }
 
+    /// Starts `fleet-sign collect` with `extra` arguments.
     fn launch(
         program: Option<PathBuf>,
         netns: Option<&str>,
         listen: &str,
         database: &Path,
-        from: &str,
-        key: &str,
+        (from, key): (&str, &str),
+        extra: &[&str],
     ) -> Self {
-        let mut collector = Self::new(program, netns, listen, database, from, key);
-        collector.restart();
-        collector
-    }
-
-    fn new(
-        program: Option<PathBuf>,
-        netns: Option<&str>,
-        listen: &str,
-        database: &Path,
-        from: &str,
-        key: &str,
-    ) -> Self {
-        Self {
+        let mut collector = Self {
             program,
             netns: netns.map(str::to_owned),
             url: String::new(),
@@ -83,15 +68,24 @@ impl Collector {
             database: database.to_owned(),
             from: from.to_owned(),
             key: key.to_owned(),
-            extra: Vec::new(),
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
             process: None,
-        }
+        };
+        collector.restart();
+        collector
     }
 
     /// Starts a collector inside network namespace `netns`, on its loopback port 9400. Only
     /// [`Self::fleet`] reaches it from outside (through `fleet-sign status` run in there).
     pub fn start_in_netns(netns: &str, database: &Path, from: &str, key: &str) -> Self {
-        Self::launch(None, Some(netns), "127.0.0.1:9400", database, from, key)
+        Self::launch(
+            None,
+            Some(netns),
+            "127.0.0.1:9400",
+            database,
+            (from, key),
+            &[],
+        )
     }
 
     /// Starts the process again (on the same address once it had one).

@@ -54,13 +54,25 @@ pub struct Statement {
 impl Statement {
     /// A statement for `release`, valid from `now` for `lifetime` seconds.
     pub fn for_release(release: &VerifiedRelease, now: u64, lifetime: u64) -> Self {
+        Self::new(
+            &release.release().fleet,
+            release.serial(),
+            release.digest(),
+            now,
+            now + lifetime,
+        )
+    }
+
+    /// A statement for release `serial` of `fleet` whose document has `digest`, valid from
+    /// `issued_at` to `expires` (tests make them with any times).
+    pub fn new(fleet: &str, serial: u64, digest: Digest, issued_at: u64, expires: u64) -> Self {
         Self {
             format: FRESHNESS_FORMAT,
-            fleet: release.release().fleet.clone(),
-            serial: release.serial(),
-            release: release.digest().to_string(),
-            issued_at: now,
-            expires: now + lifetime,
+            fleet: fleet.to_owned(),
+            serial,
+            release: digest.to_string(),
+            issued_at,
+            expires,
         }
     }
 

@@ -333,15 +333,7 @@ fn statement(
     expires: u64,
     keys: &[&SecretKey],
 ) -> (Vec<u8>, Vec<u8>) {
-    Statement {
-        format: 1,
-        fleet: "home".into(),
-        serial,
-        release: Digest::of(document).to_string(),
-        issued_at: issued,
-        expires,
-    }
-    .sign(keys)
+    Statement::new("home", serial, Digest::of(document), issued, expires).sign(keys)
 }
 
 #[test]
@@ -443,18 +435,8 @@ fn freshness_rows() {
         "freshness_missing"
     );
     // Another fleet's statement, even for the same bytes, is not this fleet's.
-    let lab = Statement {
-        format: 1,
-        fleet: "lab".into(),
-        serial: 5,
-        release: Digest::of(&old_doc).to_string(),
-        issued_at: NOW - 60,
-        expires: NOW + 600,
-    }
-    .to_bytes();
-    let g = SignatureFile::sign_message(&freshness_message(&lab), &[&fresh_key])
-        .render()
-        .into_bytes();
+    let (lab, g) =
+        Statement::new("lab", 5, Digest::of(&old_doc), NOW - 60, NOW + 600).sign(&[&fresh_key]);
     assert_eq!(
         verify_freshness(Some((&lab, &g)), &keys, &verified, NOW)
             .unwrap_err()

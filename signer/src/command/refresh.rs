@@ -156,7 +156,7 @@ impl Job<'_> {
             ..
         } = *self;
         let published = channel
-            .read_with_freshness()?
+            .read_for_update()?
             .ok_or_else(|| crate::usage(format!("{channel} holds no release to refresh")))?;
         let started = now();
         let verified = release::verify(

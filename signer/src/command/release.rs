@@ -704,19 +704,10 @@ pub fn run(args: Args) -> Result<()> {
             .next()
             .and_then(|f| f.strip_suffix(".json"))
             .unwrap_or_default();
-        release::verify(
-            &published.document,
-            &published.signatures,
-            &settings.self_check,
-            &VerifyContext {
-                fleet: settings.fleet.clone(),
-                now: started,
-                floor: None,
-                own_expiry: true,
-            },
-        )
-        .and_then(|v| v.with_host_piece(host, Some(piece)))
-        .context("the new release's host entries do not verify: nothing was published")?;
+        verified
+            .clone()
+            .with_host_piece(host, Some(piece))
+            .context("the new release's host entries do not verify: nothing was published")?;
     }
     let mut fresh_until = None;
     match &settings.freshness {

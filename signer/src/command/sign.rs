@@ -38,12 +38,12 @@ pub fn run(args: Args) -> Result<()> {
         ));
     };
     let current = first
-        .read_with_freshness()
+        .read_for_update()
         .with_context(|| format!("could not read the release from {first}"))?
         .ok_or_else(|| crate::usage(format!("{first} holds no release to sign")))?;
     for channel in &channels[1..] {
         let other = channel
-            .read()
+            .read_for_update()
             .with_context(|| format!("could not read the release from {channel}"))?;
         if other.as_ref().map(|o| &o.document) != Some(&current.document) {
             return Err(crate::usage(format!(

@@ -559,7 +559,103 @@ mod humantime_serde {
 pub enum ChannelSpec {
     Directory(PathBuf),
     Http(String),
-    Git { url: String, refname: String },
+    Git {
+        url: String,
+        refname: String,
+    },
+    /// A binary cache that holds the release under `fleet/` beside its closures
+    /// (`cache+<store URL>`): the one URL a host needs for both.
+    Cache(CacheSpec),
+}
+
+/// A binary cache as a channel: the Nix store URL it is substituted from, and where the
+/// release's files lie in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSpec {
+    /// The store URL as Nix takes it: `file:///srv/cache`, `https://cache.example.org`,
+    /// `s3://bucket?region=…&endpoint=…`.
+    pub store: String,
+    pub location: CacheLocation,
+}
+
+/// Where a cache channel's files lie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheLocation {
+    /// `<dir>/fleet` of a `file://` cache.
+    Directory(PathBuf),
+    /// `<url>/fleet` of an HTTP cache.
+    Http(String),
+    /// Objects under `fleet/` in an S3(-compatible) bucket.
+    S3(S3Location),
+}
+
+/// An S3 bucket named the way Nix names it: `s3://<bucket>?region=<r>&endpoint=<host[:port] or
+/// URL>&scheme=<http|https>` (other parameters, such as Nix's `profile`, are ignored here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Location {
+    pub bucket: String,
+    pub region: Option<String>,
+    /// The endpoint URL of an S3-compatible service; `None`: AWS itself.
+    pub endpoint: Option<String>,
+}
+
+/// The folder of a binary cache that holds the release.
+pub const CACHE_FOLDER: &str = "fleet";
+
+impl CacheSpec {
+    fn parse(text: &str, store: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("cache channel '{text}': {why}");
+        let store = match store.strip_prefix("s3://") {
+            Some(_) => store.to_owned(),
+            None => store.trim_end_matches('/').to_owned(),
+        };
+        let location = if let Some(path) = store.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(bad("a file:// cache needs an absolute path"));
+            }
+            CacheLocation::Directory(Path::new(path).join(CACHE_FOLDER))
+        } else if store.starts_with("http://") || store.starts_with("https://") {
+            CacheLocation::Http(format!("{store}/{CACHE_FOLDER}"))
+        } else if store.starts_with("s3://") {
+            CacheLocation::S3(S3Location::parse(&store).map_err(|why| bad(&why))?)
+        } else {
+            return Err(bad(
+                "use cache+file:///…, cache+http(s)://… or cache+s3://<bucket>?…",
+            ));
+        };
+        Ok(Self { store, location })
+    }
+}
+
+impl S3Location {
+    fn parse(store: &str) -> Result<Self, String> {
+        let url = reqwest::Url::parse(store).map_err(|e| format!("not a URL: {e}"))?;
+        let bucket = url.host_str().unwrap_or_default().to_owned();
+        if bucket.is_empty() || !url.path().trim_matches('/').is_empty() {
+            return Err("name a bucket alone: s3://<bucket>?region=…".into());
+        }
+        let mut region = None;
+        let mut endpoint = None;
+        let mut scheme = "https".to_owned();
+        for (key, value) in url.query_pairs() {
+            match &*key {
+                "region" => region = Some(value.into_owned()),
+                "endpoint" => endpoint = Some(value.into_owned()),
+                "scheme" if value == "http" || value == "https" => scheme = value.into_owned(),
+                "scheme" => return Err(format!("scheme '{value}' is neither http nor https")),
+                _ => {}
+            }
+        }
+        let endpoint = endpoint.map(|e| match e.contains("://") {
+            true => e.trim_end_matches('/').to_owned(),
+            false => format!("{scheme}://{}", e.trim_end_matches('/')),
+        });
+        Ok(Self {
+            bucket,
+            region,
+            endpoint,
+        })
+    }
 }
 
 /// The ref a git channel uses when none is given.
@@ -568,6 +664,9 @@ pub const DEFAULT_GIT_REF: &str = "fleet-release";
 impl ChannelSpec {
     /// Parses the channel syntax shared with `fleet-sign` (see docs/fleet-sign.md).
     pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(store) = text.strip_prefix("cache+") {
+            return CacheSpec::parse(text, store).map(Self::Cache);
+        }
         if let Some(rest) = text.strip_prefix("git+") {
             let (url, refname) = rest.rsplit_once('#').unwrap_or((rest, DEFAULT_GIT_REF));
             let valid_ref = !refname.is_empty()
@@ -597,8 +696,8 @@ impl ChannelSpec {
         }
         if text.contains("://") {
             return Err(format!(
-                "channel '{text}' has an unknown scheme: use a directory, http(s)://… or \
-                 git+<url>"
+                "channel '{text}' has an unknown scheme: use a directory, http(s)://…, \
+                 git+<url> or cache+<binary cache URL>"
             ));
         }
         Ok(Self::Directory(PathBuf::from(text)))
@@ -611,6 +710,7 @@ impl std::fmt::Display for ChannelSpec {
             Self::Directory(path) => write!(f, "{}", path.display()),
             Self::Http(url) => f.write_str(url),
             Self::Git { url, refname } => write!(f, "git+{url}#{refname}"),
+            Self::Cache(cache) => write!(f, "cache+{}", cache.store),
         }
     }
 }

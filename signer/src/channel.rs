@@ -7,11 +7,17 @@
 //! https://host/fleet        a static HTTP base URL: read only (publish to the directory it serves)
 //! git+<url>[#<ref>]         a git remote, ref default `fleet-release`: read and publish
 //!                           (git+file:///srv/fleet.git, git+ssh://git@host/fleet.git#prod, …)
+//! cache+<store URL>         the binary cache the closures go to, the release under `fleet/`:
+//!                           read and publish (cache+file:///srv/cache, cache+https://…
+//!                           accepting PUT, cache+s3://bucket?region=…&endpoint=…)
 //! ```
+//!
+//! Directories and caches get one file at a time, in an order that lets a reader at any moment
+//! see the old release or the new one, each with valid signatures ([`switch_signed`]).
 
 use crate::git;
 use anyhow::{bail, Context as _, Result};
-use fleet_agent::config::ChannelSpec;
+use fleet_agent::config::{CacheLocation, CacheSpec, ChannelSpec};
 use fleet_agent::release::{
     self, TrustPolicy, VerifiedRelease, VerifyContext, VerifyError, DOCUMENT_FILE, FORMAT_TREE,
     FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE, HOSTS_FILE, MAX_DOCUMENT_BYTES, MAX_FRESHNESS_BYTES,
@@ -125,6 +131,27 @@ impl Channel {
         }
     }
 
+    /// Where the channel's files are read and written one by one: a directory, a cache's
+    /// folder or its object store; `None` for a static HTTP URL and git.
+    fn file_store(&self) -> Result<Option<Box<dyn FileStore>>> {
+        Ok(match &self.0 {
+            ChannelSpec::Directory(dir)
+            | ChannelSpec::Cache(CacheSpec {
+                location: CacheLocation::Directory(dir),
+                ..
+            }) => Some(Box::new(DirStore(dir.clone()))),
+            ChannelSpec::Cache(CacheSpec {
+                store,
+                location: CacheLocation::Http(_),
+            }) => Some(Box::new(crate::objects::Objects::http(store)?)),
+            ChannelSpec::Cache(CacheSpec {
+                store,
+                location: CacheLocation::S3(location),
+            }) => Some(Box::new(crate::objects::Objects::s3(store, location)?)),
+            ChannelSpec::Http(_) | ChannelSpec::Git { .. } => None,
+        })
+    }
+
     /// The release the channel holds now, or `None` when it holds none yet.
     pub fn read(&self) -> Result<Option<Published>> {
         self.read_files(Files::Release, HostList::Read)
@@ -154,8 +181,11 @@ impl Channel {
             host_list == HostList::Read
                 && serde_json::from_slice::<Probe>(document).is_ok_and(|p| p.format == FORMAT_TREE)
         };
+        if let Some(store) = self.file_store()? {
+            return read_each(&names, wants_hosts, |name, limit| store.read(name, limit));
+        }
         match &self.0 {
-            ChannelSpec::Directory(dir) => read_directory(dir, &names, wants_hosts),
+            ChannelSpec::Directory(_) | ChannelSpec::Cache(_) => unreachable!("a file store"),
             ChannelSpec::Http(base) => read_http(base, &names, wants_hosts),
             ChannelSpec::Git { url, refname } => {
                 let scratch = git::Scratch::new()?;
@@ -177,30 +207,12 @@ impl Channel {
     /// Publishes a signed release, with its freshness statement when it has one (a statement
     /// left from an earlier release is removed); returns where it went (a path or a commit).
     pub fn publish(&self, release: &Published, message: &str) -> Result<String> {
+        if let Some(store) = self.file_store()? {
+            publish_files(&*store, release)?;
+            return Ok(store.describe());
+        }
         match &self.0 {
-            ChannelSpec::Directory(dir) => {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("could not create directory {}", dir.display()))?;
-                // Format 2: the pieces and the list first, so a host that sees the new root
-                // finds its piece.
-                write_pieces(dir, &release.pieces)?;
-                match &release.hosts {
-                    Some(list) => write_atomic(&dir.join(HOSTS_FILE), list)?,
-                    None => remove_if_present(&dir.join(HOSTS_FILE))?,
-                }
-                write_atomic(&dir.join(DOCUMENT_FILE), &release.document)?;
-                write_atomic(&dir.join(SIGNATURE_FILE), &release.signatures)?;
-                match &release.freshness {
-                    Some(_) => write_freshness(dir, release)?,
-                    None => {
-                        for name in [FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE] {
-                            remove_if_present(&dir.join(name))?;
-                        }
-                    }
-                }
-                prune_pieces(dir, &release.pieces)?;
-                Ok(dir.display().to_string())
-            }
+            ChannelSpec::Directory(_) | ChannelSpec::Cache(_) => unreachable!("a file store"),
             ChannelSpec::Http(url) => Err(read_only(url)),
             ChannelSpec::Git { url, refname } => {
                 let scratch = git::Scratch::new()?;
@@ -234,17 +246,16 @@ impl Channel {
                 "the release in {self} changed meanwhile: nothing written, run this again"
             )
         };
-        match &self.0 {
-            ChannelSpec::Directory(dir) => {
-                let current = read_capped(&dir.join(DOCUMENT_FILE), MAX_DOCUMENT_BYTES)?;
-                if current.as_deref() != Some(document) {
-                    return Err(changed());
-                }
-                for (name, bytes) in files {
-                    write_atomic(&dir.join(name), bytes)?;
-                }
-                Ok(dir.display().to_string())
+        if let Some(store) = self.file_store()? {
+            let current = store.read(DOCUMENT_FILE, MAX_DOCUMENT_BYTES)?;
+            if current.as_deref() != Some(document) {
+                return Err(changed());
             }
+            update_files(&*store, files)?;
+            return Ok(store.describe());
+        }
+        match &self.0 {
+            ChannelSpec::Directory(_) | ChannelSpec::Cache(_) => unreachable!("a file store"),
             ChannelSpec::Http(url) => Err(read_only(url)),
             ChannelSpec::Git { url, refname } => {
                 let scratch = git::Scratch::new()?;
@@ -298,46 +309,220 @@ fn tree(release: &Published) -> Vec<(&str, &[u8])> {
     files
 }
 
-/// Writes a format-2 release's pieces (`hosts/<serial>/<host>.json`): each file written whole,
-/// then the directory fsynced once (a file per host; one fsync each would cost seconds).
-fn write_pieces(dir: &Path, pieces: &[(String, Vec<u8>)]) -> Result<()> {
-    let mut dirs = std::collections::BTreeSet::new();
-    for (path, bytes) in pieces {
-        let path = dir.join(path);
-        let parent = path.parent().unwrap_or(dir).to_path_buf();
-        if dirs.insert(parent.clone()) {
-            std::fs::create_dir_all(&parent)
-                .with_context(|| format!("could not create directory {}", parent.display()))?;
-        }
-        // Readable by the web server whatever the umask; set on the open file, no second lookup.
-        std::fs::File::create(&path)
-            .and_then(|mut file| {
-                file.write_all(bytes)?;
-                file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            })
-            .with_context(|| format!("could not write {}", path.display()))?;
+/// A channel written one file at a time: a directory, or a cache's object store.
+trait FileStore {
+    /// Where it is, for messages.
+    fn describe(&self) -> String;
+    /// One file, capped; `None` when missing.
+    fn read(&self, name: &str, limit: usize) -> Result<Option<Vec<u8>>>;
+    /// Replaces one file whole: a reader sees the old bytes or the new ones.
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<()>;
+    fn remove(&self, name: &str) -> Result<()>;
+    /// Writes a format-2 release's pieces (`hosts/<serial>/<host>.json`).
+    fn write_pieces(&self, pieces: &[(String, Vec<u8>)]) -> Result<()>;
+    /// The serials with pieces (the folders below `hosts/`).
+    fn piece_serials(&self) -> Result<Vec<u64>>;
+    /// Removes one serial's pieces.
+    fn remove_pieces(&self, serial: u64) -> Result<()>;
+}
+
+/// Publishes a release file by file: the pieces first (a host that sees the new root finds its
+/// piece), the host list, the document with its signatures ([`switch_signed`]), the freshness
+/// statement (a statement left from an earlier release is removed), then the pieces of older
+/// releases are pruned. Until the document is replaced, the channel serves the old release
+/// whole; a failure after it says the release is out.
+fn publish_files(store: &dyn FileStore, release: &Published) -> Result<()> {
+    store.write_pieces(&release.pieces)?;
+    match &release.hosts {
+        Some(list) => store.write(HOSTS_FILE, list)?,
+        None => store.remove(HOSTS_FILE)?,
     }
-    // The files' data and the directories' entries, in one call for the file system.
-    if let Some(parent) = dirs.first() {
-        fleet_agent::durable::sync_file_system(parent)
-            .with_context(|| format!("could not sync {}", parent.display()))?;
+    switch_signed(
+        store,
+        (DOCUMENT_FILE, &release.document),
+        (SIGNATURE_FILE, &release.signatures),
+    )?;
+    let published = || format!("the release is published in {}, but", store.describe());
+    match &release.freshness {
+        Some((statement, signatures)) => switch_signed(
+            store,
+            (FRESHNESS_FILE, statement),
+            (FRESHNESS_SIGNATURE_FILE, signatures),
+        ),
+        None => [FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE]
+            .into_iter()
+            .try_for_each(|name| store.remove(name)),
+    }
+    .with_context(|| format!("{} its freshness statement is not", published()))?;
+    prune_pieces(store, &release.pieces)
+        .with_context(|| format!("{} older pieces were not pruned", published()))
+}
+
+/// Replaces files beside the current release (`update`): a statement and its signatures
+/// together through [`switch_signed`], any other file alone.
+fn update_files(store: &dyn FileStore, files: &[(&str, &[u8])]) -> Result<()> {
+    let find = |name: &str| files.iter().find(|(n, _)| *n == name).map(|(_, b)| *b);
+    for (name, bytes) in files {
+        match (*name, find(FRESHNESS_SIGNATURE_FILE)) {
+            (FRESHNESS_FILE, Some(signatures)) => switch_signed(
+                store,
+                (FRESHNESS_FILE, bytes),
+                (FRESHNESS_SIGNATURE_FILE, signatures),
+            )?,
+            (FRESHNESS_SIGNATURE_FILE, _) if find(FRESHNESS_FILE).is_some() => {}
+            _ => store.write(name, bytes)?,
+        }
     }
     Ok(())
 }
 
+/// Replaces a signed file and its signature file so that a reader, whenever it reads the
+/// pair, finds the old file or the new one with signatures valid for it: first a signature
+/// file holding both files' signatures (a signature that does not fit the file read never
+/// spoils the others), then the file, then its own signatures alone.
+fn switch_signed(
+    store: &dyn FileStore,
+    (name, bytes): (&str, &[u8]),
+    (signatures_name, signatures): (&str, &[u8]),
+) -> Result<()> {
+    let old = store.read(signatures_name, MAX_SIGNATURE_FILE_BYTES)?;
+    if let Some(both) = old.and_then(|old| both_signatures(signatures, &old)) {
+        store.write(signatures_name, &both)?;
+    }
+    store.write(name, bytes)?;
+    store.write(signatures_name, signatures)
+}
+
+/// The lines of `new` followed by those of `old` not in it, when that fits in a signature
+/// file; `None` when nothing is to be added or it does not fit.
+fn both_signatures(new: &[u8], old: &[u8]) -> Option<Vec<u8>> {
+    let lines = |b: &'_ [u8]| -> Vec<Vec<u8>> {
+        b.split(|c| *c == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
+    let mut all = lines(new);
+    let added: Vec<_> = lines(old)
+        .into_iter()
+        .filter(|l| !all.contains(l))
+        .collect();
+    if added.is_empty() {
+        return None;
+    }
+    all.extend(added);
+    let mut both = all.join(&b'\n');
+    both.push(b'\n');
+    (all.len() <= release::MAX_SIGNATURES && both.len() <= MAX_SIGNATURE_FILE_BYTES).then_some(both)
+}
+
+/// A directory channel (or a `file://` cache's folder): files replaced by rename.
+struct DirStore(std::path::PathBuf);
+
+impl FileStore for DirStore {
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    fn read(&self, name: &str, limit: usize) -> Result<Option<Vec<u8>>> {
+        read_capped(&self.0.join(name), limit)
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        std::fs::create_dir_all(&self.0)
+            .with_context(|| format!("could not create directory {}", self.0.display()))?;
+        write_atomic(&self.0.join(name), bytes)
+    }
+
+    fn remove(&self, name: &str) -> Result<()> {
+        remove_if_present(&self.0.join(name))
+    }
+
+    /// Each file written whole, then the directory fsynced once (a file per host; one fsync
+    /// each would cost seconds).
+    fn write_pieces(&self, pieces: &[(String, Vec<u8>)]) -> Result<()> {
+        let dir = &self.0;
+        let mut dirs = std::collections::BTreeSet::new();
+        for (path, bytes) in pieces {
+            let path = dir.join(path);
+            let parent = path.parent().unwrap_or(dir).to_path_buf();
+            if dirs.insert(parent.clone()) {
+                std::fs::create_dir_all(&parent)
+                    .with_context(|| format!("could not create directory {}", parent.display()))?;
+            }
+            // Readable by the web server whatever the umask; set on the open file.
+            std::fs::File::create(&path)
+                .and_then(|mut file| {
+                    file.write_all(bytes)?;
+                    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                })
+                .with_context(|| format!("could not write {}", path.display()))?;
+        }
+        // The files' data and the directories' entries, in one call for the file system.
+        if let Some(parent) = dirs.first() {
+            fleet_agent::durable::sync_file_system(parent)
+                .with_context(|| format!("could not sync {}", parent.display()))?;
+        }
+        Ok(())
+    }
+
+    fn piece_serials(&self) -> Result<Vec<u64>> {
+        let Ok(entries) = std::fs::read_dir(self.0.join("hosts")) else {
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect())
+    }
+
+    fn remove_pieces(&self, serial: u64) -> Result<()> {
+        let path = self.0.join("hosts").join(serial.to_string());
+        std::fs::remove_dir_all(&path)
+            .with_context(|| format!("could not remove {}", path.display()))
+    }
+}
+
+impl FileStore for crate::objects::Objects {
+    fn describe(&self) -> String {
+        self.name()
+    }
+
+    fn read(&self, name: &str, limit: usize) -> Result<Option<Vec<u8>>> {
+        self.read(name, limit)
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.write(name, bytes)
+    }
+
+    fn remove(&self, name: &str) -> Result<()> {
+        self.remove(name)
+    }
+
+    fn write_pieces(&self, pieces: &[(String, Vec<u8>)]) -> Result<()> {
+        self.write_all(pieces)
+    }
+
+    fn piece_serials(&self) -> Result<Vec<u64>> {
+        Ok(self
+            .folders("hosts")?
+            .iter()
+            .filter_map(|name| name.parse().ok())
+            .collect())
+    }
+
+    fn remove_pieces(&self, serial: u64) -> Result<()> {
+        self.remove_folder(&format!("hosts/{serial}"))
+    }
+}
+
 /// Removes the pieces of releases before the one just published and the one before it (a host
 /// that read the previous root a moment ago still finds its piece).
-fn prune_pieces(dir: &Path, pieces: &[(String, Vec<u8>)]) -> Result<()> {
-    let hosts = dir.join("hosts");
-    let Ok(entries) = std::fs::read_dir(&hosts) else {
-        return Ok(());
-    };
+fn prune_pieces(store: &dyn FileStore, pieces: &[(String, Vec<u8>)]) -> Result<()> {
     let current: Option<u64> = pieces
         .first()
         .and_then(|(path, _)| path.split('/').nth(1)?.parse().ok());
-    let mut serials: Vec<u64> = entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let mut serials = store.piece_serials()?;
     serials.sort_unstable();
     let keep: Vec<u64> = match current {
         // The new one and the newest before it.
@@ -349,21 +534,9 @@ fn prune_pieces(dir: &Path, pieces: &[(String, Vec<u8>)]) -> Result<()> {
         None => serials.last().copied().into_iter().collect(),
     };
     for serial in serials.into_iter().filter(|s| !keep.contains(s)) {
-        let path = hosts.join(serial.to_string());
-        std::fs::remove_dir_all(&path)
-            .with_context(|| format!("could not remove {}", path.display()))?;
+        store.remove_pieces(serial)?;
     }
     Ok(())
-}
-
-/// Writes the statement's signatures, then the statement: a reader between the two sees the old
-/// statement with new signatures, which reads as an untrusted statement until the next poll.
-fn write_freshness(dir: &Path, release: &Published) -> Result<()> {
-    let Some((statement, signatures)) = &release.freshness else {
-        return Ok(());
-    };
-    write_atomic(&dir.join(FRESHNESS_FILE), statement)?;
-    write_atomic(&dir.join(FRESHNESS_SIGNATURE_FILE), signatures)
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {
@@ -435,16 +608,6 @@ fn read_capped(path: &Path, limit: usize) -> Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-fn read_directory(
-    dir: &Path,
-    names: &[(&str, usize)],
-    wants_hosts: impl Fn(&[u8]) -> bool,
-) -> Result<Option<Published>> {
-    read_each(names, wants_hosts, |name, limit| {
-        read_capped(&dir.join(name), limit)
-    })
-}
-
 fn read_http(
     base: &str,
     names: &[(&str, usize)],
@@ -486,7 +649,7 @@ fn read_http(
 }
 
 /// A file over its limit: refused with the code hosts report for it (`too_large`).
-fn too_large(what: &str, limit: usize) -> anyhow::Error {
+pub fn too_large(what: &str, limit: usize) -> anyhow::Error {
     crate::refusal(
         "too_large",
         format!("{what} is larger than the limit of {limit} bytes: refusing (too_large)"),
@@ -555,5 +718,20 @@ mod tests {
         );
         assert!(Channel::parse("git+file:///x#--upload-pack=evil").is_err());
         assert!(Channel::parse("ftp://h/x").is_err());
+    }
+
+    #[test]
+    fn both_signatures_hold_the_old_and_the_new_lines_while_they_fit() {
+        assert_eq!(
+            both_signatures(b"a:new\n", b"a:old\nb:old\n").as_deref(),
+            Some(&b"a:new\na:old\nb:old\n"[..])
+        );
+        // Nothing to add: the new file alone.
+        assert_eq!(both_signatures(b"a:x\n", b"a:x\n"), None);
+        // Too many lines for one file: the new file alone.
+        let many: Vec<u8> = (0..release::MAX_SIGNATURES)
+            .flat_map(|i| format!("k{i}:old\n").into_bytes())
+            .collect();
+        assert_eq!(both_signatures(b"a:new\n", &many), None);
     }
 }

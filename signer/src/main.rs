@@ -16,6 +16,7 @@ mod config;
 mod git;
 mod keyfile;
 mod nix;
+mod objects;
 mod process;
 mod record;
 

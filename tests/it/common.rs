@@ -264,6 +264,22 @@ impl Fleet {
         SimHost::install(&root, name, &initial, &settings)
     }
 
+    /// A host installed with its current fixture system following the channel `url`, with
+    /// `top` added to its config.
+    pub fn host_on(&mut self, name: &str, url: &str, top: &str) -> SimHost {
+        let initial = self.fleet.build(name);
+        let keys = [self.release_public_key()];
+        let settings = self.settings(&keys, 1, url);
+        let host = SimHost::install(
+            &self.dir.join(format!("hosts/{name}")),
+            name,
+            &initial,
+            &settings,
+        );
+        host.write_config(&settings, top, "");
+        host
+    }
+
     /// The release the directory channel holds now.
     pub fn published(&self) -> (Vec<u8>, Release) {
         let bytes = std::fs::read(self.channel_dir.join(release::DOCUMENT_FILE)).unwrap();

@@ -2,6 +2,7 @@
 
 mod agent;
 mod build;
+mod cache;
 mod common;
 mod crash;
 mod disk;

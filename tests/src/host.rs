@@ -198,7 +198,25 @@ boot_dir = "{boot_dir}"
                 self.boot_dir().display().to_string(),
             ),
         ]);
+        // What `set_env` added (the credentials of an S3 channel, as a unit's environment).
+        if let Ok(text) = std::fs::read_to_string(self.root.join("agent.env")) {
+            env.extend(text.lines().filter_map(|line| {
+                let (key, value) = line.split_once('=')?;
+                Some((key.to_owned(), value.to_owned()))
+            }));
+        }
         env
+    }
+
+    /// Adds a variable to the agent's environment from now on.
+    pub fn set_env(&self, key: &str, value: &str) {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("agent.env"))
+            .unwrap();
+        writeln!(file, "{key}={value}").unwrap();
     }
 
     /// The host's boot partition: the fixture's `boot` writes `extlinux/extlinux.conf` there.

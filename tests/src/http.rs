@@ -51,6 +51,8 @@ struct Shared {
     /// Body bytes of the files served.
     served: std::sync::atomic::AtomicU64,
     stop: AtomicBool,
+    /// Whether PUT writes and DELETE removes files (an HTTP binary cache that takes uploads).
+    uploads: AtomicBool,
 }
 
 /// A running server; stops when dropped.
@@ -84,6 +86,7 @@ impl HttpServer {
             not_modified: std::sync::atomic::AtomicUsize::new(0),
             served: std::sync::atomic::AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            uploads: AtomicBool::new(false),
         });
         let thread = {
             let (server, shared) = (server.clone(), shared.clone());
@@ -116,6 +119,11 @@ impl HttpServer {
     /// The addresses requests came from, in order.
     pub fn peers(&self) -> Vec<std::net::IpAddr> {
         self.shared.peers.lock().unwrap().clone()
+    }
+
+    /// Takes uploads from now on: PUT writes a file (whole), DELETE removes one.
+    pub fn accept_uploads(&self) {
+        self.shared.uploads.store(true, Ordering::Relaxed);
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -243,9 +251,43 @@ impl Read for Stalled {
     }
 }
 
-fn respond(shared: &Arc<Shared>, request: tiny_http::Request) {
+fn respond(shared: &Arc<Shared>, mut request: tiny_http::Request) {
     let path = request.url().split('?').next().unwrap_or("/").to_owned();
-    shared.log.lock().unwrap().push(path.clone());
+    let method = request.method().clone();
+    shared.log.lock().unwrap().push(match method {
+        tiny_http::Method::Get => path.clone(),
+        _ => format!("{method} {path}"),
+    });
+    if matches!(method, tiny_http::Method::Put | tiny_http::Method::Delete) {
+        let relative = path.trim_start_matches('/');
+        let file = shared.root.join(relative);
+        let status = if !shared.uploads.load(Ordering::Relaxed) {
+            405
+        } else if relative.is_empty() || relative.split('/').any(|part| part == "..") {
+            400
+        } else if method == tiny_http::Method::Delete {
+            match std::fs::remove_file(&file) {
+                Ok(()) => 204,
+                Err(_) => 404,
+            }
+        } else {
+            let mut body = Vec::new();
+            let written = request.as_reader().read_to_end(&mut body).and_then(|_| {
+                std::fs::create_dir_all(file.parent().unwrap())?;
+                // Whole or not at all, as a real server would.
+                let temp = file.with_extension("upload");
+                std::fs::write(&temp, &body)?;
+                std::fs::rename(&temp, &file)
+            });
+            if written.is_ok() {
+                201
+            } else {
+                500
+            }
+        };
+        let _ = request.respond(tiny_http::Response::empty(status));
+        return;
+    }
     let mut mode = shared.mode.lock().unwrap().clone();
     if shared
         .cut_file

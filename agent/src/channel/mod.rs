@@ -7,8 +7,9 @@ mod dir;
 mod git;
 mod git_transport;
 mod http;
+pub mod s3;
 
-use crate::config::{ChannelSpec, Config};
+use crate::config::{CacheLocation, CacheSpec, ChannelSpec, Config};
 use crate::release::{
     FRESHNESS_FILE, FRESHNESS_SIGNATURE_FILE, MAX_DOCUMENT_BYTES, MAX_FRESHNESS_BYTES,
     MAX_HOST_PIECE_BYTES, MAX_SIGNATURE_FILE_BYTES,
@@ -119,6 +120,7 @@ enum Kind {
     Directory(dir::DirChannel),
     Http(http::HttpChannel),
     Git(git::GitChannel),
+    S3(s3::S3Channel),
 }
 
 fn read_secret(path: &Option<PathBuf>) -> Result<Option<String>, ChannelError> {
@@ -134,15 +136,33 @@ fn read_secret(path: &Option<PathBuf>) -> Result<Option<String>, ChannelError> {
 impl Channel {
     pub fn new(config: &Config) -> Result<Self, ChannelError> {
         let want = WantFreshness(config.freshness.is_some());
-        let kind = match &config.channel {
-            ChannelSpec::Directory(path) => {
-                Kind::Directory(dir::DirChannel::new(path.clone(), want))
-            }
-            ChannelSpec::Http(url) => Kind::Http(http::HttpChannel::new(
+        let http = |url: &String| {
+            http::HttpChannel::new(
                 url.clone(),
                 read_secret(&config.token_file)?,
                 config.channel_timeout,
                 config.ca_file.as_deref(),
+                want,
+            )
+        };
+        let kind = match &config.channel {
+            ChannelSpec::Directory(path)
+            | ChannelSpec::Cache(CacheSpec {
+                location: CacheLocation::Directory(path),
+                ..
+            }) => Kind::Directory(dir::DirChannel::new(path.clone(), want)),
+            ChannelSpec::Http(url)
+            | ChannelSpec::Cache(CacheSpec {
+                location: CacheLocation::Http(url),
+                ..
+            }) => Kind::Http(http(url)?),
+            ChannelSpec::Cache(CacheSpec {
+                location: CacheLocation::S3(location),
+                ..
+            }) => Kind::S3(s3::S3Channel::new(
+                location,
+                config.ca_file.as_deref(),
+                config.channel_timeout,
                 want,
             )?),
             ChannelSpec::Git { url, refname } => Kind::Git(git::GitChannel::new(
@@ -174,6 +194,7 @@ impl Channel {
                 Kind::Directory(c) => c.poll().await,
                 Kind::Http(c) => c.poll().await,
                 Kind::Git(c) => c.poll().await,
+                Kind::S3(c) => c.poll().await,
             }
         };
         tokio::time::timeout(self.timeout, work)
@@ -197,6 +218,7 @@ impl Channel {
                 Kind::Directory(c) => c.read_file(&path, MAX_HOST_PIECE_BYTES).await,
                 Kind::Http(c) => c.fetch_file(&path, MAX_HOST_PIECE_BYTES).await,
                 Kind::Git(c) => c.read_file(&path, MAX_HOST_PIECE_BYTES).await,
+                Kind::S3(c) => c.fetch_file(&path, MAX_HOST_PIECE_BYTES).await,
             }
         };
         tokio::time::timeout(self.timeout, work)
@@ -216,6 +238,7 @@ impl Channel {
                 Kind::Directory(c) => c.read_freshness().await.map(FreshnessPolled::Statement),
                 Kind::Http(c) => c.poll_freshness().await,
                 Kind::Git(_) => Ok(FreshnessPolled::Unchanged),
+                Kind::S3(c) => c.poll_freshness().await,
             }
         };
         tokio::time::timeout(self.timeout, work)
@@ -233,6 +256,7 @@ impl Channel {
             Kind::Directory(c) => c.forget(),
             Kind::Http(c) => c.forget(),
             Kind::Git(c) => c.forget(),
+            Kind::S3(c) => c.forget(),
         }
     }
 
@@ -244,12 +268,14 @@ impl Channel {
             Kind::Directory(c) => Memory::Directory(c.memory()),
             Kind::Http(c) => Memory::Http(c.memory()),
             Kind::Git(c) => Memory::Git(c.memory()),
+            Kind::S3(c) => Memory::S3(c.memory()),
         };
         let result = self.poll().await.map(drop);
         match (&mut self.kind, memory) {
             (Kind::Directory(c), Memory::Directory(m)) => c.restore(m),
             (Kind::Http(c), Memory::Http(m)) => c.restore(m),
             (Kind::Git(c), Memory::Git(m)) => c.restore(m),
+            (Kind::S3(c), Memory::S3(m)) => c.restore(m),
             _ => unreachable!("a channel keeps its kind"),
         }
         result
@@ -261,6 +287,7 @@ enum Memory {
     Directory(dir::Memory),
     Http((http::Validators, http::Validators)),
     Git(Option<git2::Oid>),
+    S3(s3::Memory),
 }
 
 /// Reads at most `limit` bytes from `reader`; more is an error.

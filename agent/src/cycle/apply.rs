@@ -70,10 +70,14 @@ impl Agent {
         self.trial(serial, toplevel).await
     }
 
-    /// The substituters to realise a release's closure from: the configured ones and, unless
-    /// turned off, the release's hints.
+    /// The substituters to realise a release's closure from: the cache that is the channel,
+    /// the configured ones and, unless turned off, the release's hints.
     fn substituters_for(&self, verified: &VerifiedRelease) -> Vec<String> {
-        let mut substituters = self.config.substituters.clone();
+        let mut substituters = Vec::new();
+        if let crate::config::ChannelSpec::Cache(cache) = &self.config.channel {
+            substituters.push(cache.store.clone());
+        }
+        substituters.extend(self.config.substituters.iter().cloned());
         if self.config.use_release_substituters {
             substituters.extend(verified.release().substituters.iter().cloned());
         }

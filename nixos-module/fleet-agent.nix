@@ -33,6 +33,17 @@ in
     # this to its own package; without the flake, add its overlay or set it.
     package = lib.mkPackageOption pkgs "fleet-gitops-agent" { };
 
+    environmentFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/run/secrets/fleet-s3";
+      description = ''
+        A file of `NAME=value` lines for the agent's environment (systemd's EnvironmentFile): the
+        credentials of a `cache+s3://` channel (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+        `AWS_SESSION_TOKEN`). A path outside the Nix store (the store is world-readable).
+      '';
+    };
+
     settings = lib.mkOption {
       description = ''
         The agent's configuration (docs/fleet-agent.md has every key), rendered to TOML and checked
@@ -76,7 +87,7 @@ in
           channel = lib.mkOption {
             type = lib.types.str;
             example = "git+https://git.example.org/fleet.git#fleet-release";
-            description = "Where releases come from: a directory, an http(s) base URL, or git+<url>[#<ref>].";
+            description = "Where releases come from: a directory, an http(s) base URL, git+<url>[#<ref>], or cache+<binary cache URL> (the cache is then also the first substituter).";
           };
           realise = lib.mkOption {
             type = lib.types.enum [ "substitute" "substitute-or-build" ];
@@ -114,8 +125,8 @@ in
         message = "services.fleet-agent.settings.threshold is above the number of trusted_keys: no release could ever be accepted.";
       }
       {
-        assertion = lib.all (f: f == null || !lib.isStorePath f) [ cfg.settings.token_file cfg.settings.ssh_key_file ];
-        message = "services.fleet-agent.settings.token_file and ssh_key_file must be paths outside the Nix store: the store is readable by every user.";
+        assertion = lib.all (f: f == null || !lib.isStorePath f) [ cfg.settings.token_file cfg.settings.ssh_key_file cfg.environmentFile ];
+        message = "services.fleet-agent.settings.token_file, ssh_key_file and services.fleet-agent.environmentFile must be paths outside the Nix store: the store is readable by every user.";
       }
       {
         assertion = config.nix.settings.require-sigs or true;
@@ -175,6 +186,8 @@ in
         # the switch to end (within TimeoutStopSec) before it exits.
         KillMode = "mixed";
         TimeoutStopSec = "15min";
+      } // lib.optionalAttrs (cfg.environmentFile != null) {
+        EnvironmentFile = cfg.environmentFile;
         # No hardening that would stop it: it runs switch-to-configuration (through
         # systemd-run) and writes the system profile, which needs root and a writable /nix.
       };

@@ -685,3 +685,30 @@ fn the_fleet_vm_test_releases_systems_its_hosts_do_not_have() {
         assert!(script.contains(path.as_str().unwrap()), "{name}");
     }
 }
+
+#[test]
+fn a_cache_channel_in_a_bucket_gets_its_credentials_from_an_environment_file() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let module = |file: &str| {
+        format!(
+            r#"{{ services.fleet-agent = {{ enable = true; environmentFile = "{file}"; settings = {{
+                fleet = "home";
+                trusted_keys = [ "ops-2026:49SIOpjnGSp5r+SsncgIRf6j4OKvy4m67GEJc2oWQ3s=" ];
+                channel = "cache+s3://nix-cache?region=eu-central-1";
+            }}; }}; }}"#
+        )
+    };
+    let out = eval(&lib, &module("/run/secrets/fleet-s3"));
+    assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+    assert_eq!(
+        out["agent"]["serviceConfig"]["EnvironmentFile"],
+        "/run/secrets/fleet-s3"
+    );
+    // Not from the world-readable store.
+    let out = eval(&lib, &module("/nix/store/0000000000000000000000000000000a-creds"));
+    let failed = out["failedAssertions"].to_string();
+    assert!(failed.contains("environmentFile"), "{failed}");
+    // Without one, no EnvironmentFile line.
+    let out = eval(&lib, &agent(""));
+    assert!(out["agent"]["serviceConfig"].get("EnvironmentFile").is_none());
+}

@@ -20,6 +20,8 @@ let
   } // lib.optionalAttrs (cfg.sshKeyFile != null) {
     GIT_SSH_COMMAND = "ssh -i %d/ssh-key -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile=%d/known-hosts -o StrictHostKeyChecking=yes";
   };
+  # A private CA for https channels (and git over https), besides the system's trust store.
+  caEnvironment = lib.optionalAttrs (cfg.caFile != null) { FLEET_CA_FILE = toString cfg.caFile; };
   channelCredentials =
     lib.optional (cfg.tokenFile != null) "channel-token:${cfg.tokenFile}"
     ++ lib.optional (cfg.sshKeyFile != null) "ssh-key:${cfg.sshKeyFile}"
@@ -120,6 +122,13 @@ in
       description = "An SSH deploy key for a git+ssh channel (through LoadCredential; outside the Nix store).";
     };
 
+    caFile = lib.mkOption {
+      type = lib.types.nullOr (lib.types.either lib.types.path lib.types.str);
+      default = null;
+      example = "/etc/ssl/private-ca.pem";
+      description = "PEM certificates trusted besides the system's store (security.pki) for https channels, git over https and S3 endpoints: a home forge or company CA.";
+    };
+
     sshKnownHostsFile = lib.mkOption {
       type = lib.types.nullOr lib.types.str;
       default = null;
@@ -199,7 +208,7 @@ in
       after = [ "network-online.target" ];
       # git and ssh read git channels.
       path = [ pkgs.git config.programs.ssh.package ];
-      environment = gitEnvironment;
+      environment = gitEnvironment // caEnvironment;
       serviceConfig = {
         ExecStart = lib.escapeShellArgs ([
           (lib.getExe' cfg.package "fleet-sign")
@@ -245,7 +254,7 @@ in
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
       path = [ pkgs.git config.programs.ssh.package ];
-      environment = gitEnvironment;
+      environment = gitEnvironment // caEnvironment;
       serviceConfig = {
         Type = "oneshot";
         ExecStart = lib.escapeShellArgs ([

@@ -308,7 +308,12 @@ pub fn set_ca_file(path: PathBuf) {
 /// The TLS configuration of fleet-sign's HTTPS clients: the system's trust store plus
 /// `ca_file` from fleet.toml, else `$FLEET_CA_FILE`.
 pub fn tls() -> Result<rustls::ClientConfig> {
+    fleet_agent::tls::client_config(ca_file().as_deref()).map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The CA file fleet-sign trusts besides the system's store: `ca_file` from fleet.toml, else
+/// `$FLEET_CA_FILE`.
+pub fn ca_file() -> Option<PathBuf> {
     let configured = CA_FILE.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let ca_file = configured.or_else(|| std::env::var_os("FLEET_CA_FILE").map(PathBuf::from));
-    fleet_agent::tls::client_config(ca_file.as_deref()).map_err(|e| anyhow::anyhow!(e))
+    configured.or_else(|| std::env::var_os("FLEET_CA_FILE").map(PathBuf::from))
 }

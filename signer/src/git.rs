@@ -22,6 +22,8 @@ pub enum Tree {
 /// A throwaway bare repository holding at most the tip of one remote ref.
 pub struct Scratch {
     dir: tempfile::TempDir,
+    /// The system's roots and the CA file together, for git over HTTPS behind a private CA.
+    ca_bundle: Option<std::path::PathBuf>,
 }
 
 fn git(dir: &Path) -> Command {
@@ -30,6 +32,25 @@ fn git(dir: &Path) -> Command {
     // Never prompt: a missing credential is an error, not a hang in CI.
     command.env("GIT_TERMINAL_PROMPT", "0");
     command
+}
+
+/// The system's trusted roots as PEM, followed by the certificates of `ca_file`.
+fn ca_bundle(ca_file: &Path) -> Result<Vec<u8>> {
+    use base64::Engine as _;
+    let mut bundle = Vec::new();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let text = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        bundle.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        for line in text.as_bytes().chunks(64) {
+            bundle.extend_from_slice(line);
+            bundle.push(b'\n');
+        }
+        bundle.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    }
+    let own = std::fs::read(ca_file)
+        .with_context(|| format!("could not read the CA file {}", ca_file.display()))?;
+    bundle.extend_from_slice(&own);
+    Ok(bundle)
 }
 
 impl Scratch {
@@ -41,24 +62,45 @@ impl Scratch {
         let mut command = git(dir.path());
         command.args(["init", "--quiet", "--bare"]);
         process::run(command)?;
-        Ok(Self { dir })
+        // git over HTTPS behind a private CA: git (curl) takes one bundle in place of the
+        // system's (GIT_SSL_CAINFO; git 2.47 here ignored a repository's http.sslCAInfo), so it
+        // gets the system's roots and the CA file together.
+        let ca_bundle = match crate::config::ca_file() {
+            Some(ca_file) => {
+                let bundle = dir.path().join("ca-bundle.pem");
+                std::fs::write(&bundle, ca_bundle(&ca_file)?)
+                    .with_context(|| format!("could not write {}", bundle.display()))?;
+                Some(bundle)
+            }
+            None => None,
+        };
+        Ok(Self { dir, ca_bundle })
+    }
+
+    /// A git command in the scratch repository.
+    fn git(&self) -> Command {
+        let mut command = git(self.dir.path());
+        if let Some(bundle) = &self.ca_bundle {
+            command.env("GIT_SSL_CAINFO", bundle);
+        }
+        command
     }
 
     /// Fetches the tip of `refname` from `url`; `None` when the remote has no such ref.
     pub fn fetch_tip(&self, url: &str, refname: &str) -> Result<Option<String>> {
-        let mut command = git(self.dir.path());
+        let mut command = self.git();
         command.args(["ls-remote", "--", url, &format!("refs/heads/{refname}")]);
         let listing =
             process::run(command).with_context(|| format!("could not reach git remote '{url}'"))?;
         if listing.is_empty() {
             return Ok(None);
         }
-        let mut command = git(self.dir.path());
+        let mut command = self.git();
         command.args(["fetch", "--quiet", "--no-tags", "--depth", "1", "--", url]);
         command.arg(format!("+refs/heads/{refname}:refs/fleet/tip"));
         process::run(command)
             .with_context(|| format!("could not fetch ref '{refname}' from '{url}'"))?;
-        let mut command = git(self.dir.path());
+        let mut command = self.git();
         command.args(["rev-parse", "--verify", "refs/fleet/tip^{commit}"]);
         let commit = String::from_utf8_lossy(&process::run(command)?)
             .trim()
@@ -69,7 +111,7 @@ impl Scratch {
     /// Reads a file at the root of `commit`'s tree; `None` when it is not there.
     pub fn read_file(&self, commit: &str, name: &str, limit: usize) -> Result<Option<Vec<u8>>> {
         let spec = format!("{commit}:{name}");
-        let mut command = git(self.dir.path());
+        let mut command = self.git();
         command.args(["cat-file", "-s", &spec]);
         let size = match process::run(command) {
             Ok(out) => String::from_utf8_lossy(&out)
@@ -88,7 +130,7 @@ impl Scratch {
                 ),
             ));
         }
-        let mut command = git(self.dir.path());
+        let mut command = self.git();
         command.args(["cat-file", "blob", &spec]);
         Ok(Some(process::run(command)?))
     }
@@ -125,15 +167,15 @@ impl Scratch {
             stream.push(b'\n');
         }
         stream.extend_from_slice(b"done\n");
-        let mut command = git(self.dir.path());
+        let mut command = self.git();
         command.args(["fast-import", "--quiet", "--done", "--force"]);
         process::run_with_input(command, &stream).context("could not write the release commit")?;
-        let mut command = git(self.dir.path());
+        let mut command = self.git();
         command.args(["rev-parse", "--verify", "refs/fleet/new^{commit}"]);
         let commit = String::from_utf8_lossy(&process::run(command)?)
             .trim()
             .to_owned();
-        let mut command = git(self.dir.path());
+        let mut command = self.git();
         command.args([
             "push",
             "--quiet",

@@ -3,100 +3,11 @@
 //! channel is that cache finds both there: a `file://` cache, an S3-compatible bucket (a real
 //! S3 server on loopback: `fleet-test-s3`, s3s-fs) and an HTTP cache that accepts PUT.
 
-use crate::common::Fleet;
-use fleet_tests::{run, Run, TestDir};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use crate::common::{with_credentials, Fleet, S3Server, ACCESS_KEY, SECRET_KEY};
+use fleet_tests::{run, Run};
 
 /// Host config: substitute from the channel's cache alone (never the release's hints).
 const CACHE_ONLY: &str = "use_release_substituters = false\n";
-
-const ACCESS_KEY: &str = "fleet-test";
-const SECRET_KEY: &str = "fleet-test-secret";
-
-/// `fleet-test-s3` on a free loopback port, one bucket (`cache`), requests logged.
-struct S3Server {
-    _child: fleet_tests::KillOnDrop,
-    _dir: TestDir,
-    port: u16,
-    log: PathBuf,
-    refuse: PathBuf,
-}
-
-impl S3Server {
-    fn start() -> Self {
-        let dir = TestDir::new();
-        std::fs::create_dir_all(dir.join("root/cache")).unwrap();
-        let (log, refuse) = (dir.join("requests.log"), dir.join("refuse"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fleet-test-s3"))
-            .arg("--root")
-            .arg(dir.join("root"))
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg("--log")
-            .arg(&log)
-            .arg("--refuse")
-            .arg(&refuse)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let port = line
-            .trim()
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("fleet-test-s3 said {line:?}"));
-        Self {
-            _child: fleet_tests::KillOnDrop(child),
-            _dir: dir,
-            port,
-            log,
-            refuse,
-        }
-    }
-
-    /// The bucket as Nix names it, with the endpoint in Nix's form (host:port and a scheme).
-    fn channel(&self) -> String {
-        format!(
-            "cache+s3://cache?region=us-east-1&endpoint=127.0.0.1:{}&scheme=http",
-            self.port
-        )
-    }
-
-    /// Every request so far: `<operation> <key> <status>`.
-    fn requests(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    fn clear_log(&self) {
-        std::fs::write(&self.log, "").unwrap();
-    }
-
-    /// Refuses uploads to these keys (a key ending in `/`: everything below it) from now on;
-    /// none: takes uploads again.
-    fn refuse(&self, keys: &[&str]) {
-        match keys {
-            [] => std::fs::remove_file(&self.refuse).unwrap(),
-            _ => std::fs::write(&self.refuse, keys.join("\n")).unwrap(),
-        }
-    }
-}
-
-fn with_credentials(mut command: Command) -> Command {
-    command
-        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
-    command
-}
 
 /// `fleet-sign release` publishing to `channel` alone (closures to the file cache).
 fn release_to(fleet: &Fleet, channel: &str, extra: &[&str]) -> Run {

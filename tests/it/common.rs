@@ -9,6 +9,7 @@ use fleet_tests::http::HttpServer;
 use fleet_tests::nix::NixKey;
 use fleet_tests::{command, run, Run, TestDir};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 /// Which channel a host follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,4 +306,92 @@ impl Fleet {
     pub fn sign_bytes(document: &[u8], keys: &[&SecretKey]) -> Vec<u8> {
         SignatureFile::sign(document, keys).render().into_bytes()
     }
+}
+
+/// The credentials `fleet-test-s3` takes.
+pub const ACCESS_KEY: &str = "fleet-test";
+pub const SECRET_KEY: &str = "fleet-test-secret";
+
+/// `fleet-test-s3` on a free loopback port, one bucket (`cache`), requests logged.
+pub struct S3Server {
+    _child: fleet_tests::KillOnDrop,
+    _dir: TestDir,
+    pub port: u16,
+    log: PathBuf,
+    refuse: PathBuf,
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        let dir = TestDir::new();
+        std::fs::create_dir_all(dir.join("root/cache")).unwrap();
+        let (log, refuse) = (dir.join("requests.log"), dir.join("refuse"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleet-test-s3"))
+            .arg("--root")
+            .arg(dir.join("root"))
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg("--log")
+            .arg(&log)
+            .arg("--refuse")
+            .arg(&refuse)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("fleet-test-s3 said {line:?}"));
+        Self {
+            _child: fleet_tests::KillOnDrop(child),
+            _dir: dir,
+            port,
+            log,
+            refuse,
+        }
+    }
+
+    /// The bucket as Nix names it, with the endpoint in Nix's form (host:port and a scheme).
+    pub fn channel(&self) -> String {
+        format!(
+            "cache+s3://cache?region=us-east-1&endpoint=127.0.0.1:{}&scheme=http",
+            self.port
+        )
+    }
+
+    /// Every request so far: `<operation> <key> <status>`.
+    pub fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn clear_log(&self) {
+        std::fs::write(&self.log, "").unwrap();
+    }
+
+    /// Refuses uploads to these keys (a key ending in `/`: everything below it) from now on;
+    /// none: takes uploads again.
+    pub fn refuse(&self, keys: &[&str]) {
+        match keys {
+            [] => std::fs::remove_file(&self.refuse).unwrap(),
+            _ => std::fs::write(&self.refuse, keys.join("\n")).unwrap(),
+        }
+    }
+}
+
+pub fn with_credentials(mut command: Command) -> Command {
+    command
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    command
 }

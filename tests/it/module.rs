@@ -266,6 +266,30 @@ fn the_collector_module_runs_fleet_sign_collect_as_a_dynamic_user() {
     assert_eq!(service["DynamicUser"], true);
     assert_eq!(out["firewall"], serde_json::json!([9400]));
     assert_eq!(out["agent"], serde_json::Value::Null);
+    assert!(out["collector"]["environment"]
+        .get("FLEET_CA_FILE")
+        .is_none());
+    // A private CA for the channel: fleet-sign's FLEET_CA_FILE, for collect and refresh.
+    let out = eval(
+        &lib,
+        r#"{ services.fleet-collector = {
+            enable = true;
+            fleet = "home";
+            channel = "git+https://git.lan/fleet.git";
+            trustedKeys = [ "ops-2026:49SIOpjnGSp5r+SsncgIRf6j4OKvy4m67GEJc2oWQ3s=" ];
+            caFile = "/etc/ssl/home-ca.pem";
+            freshness.keys = [ "fresh-ci:5SO5A/3oRhOc7Gu5S3hwoRPaJLNITTyEeM8zxnnkNbk=" ];
+            freshness.keyFile = "/run/secrets/fresh.sec";
+            freshness.channels = [ "git+https://git.lan/fleet.git" ];
+        }; }"#,
+    );
+    assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+    for unit in ["collector", "refresh"] {
+        assert_eq!(
+            out[unit]["environment"]["FLEET_CA_FILE"], "/etc/ssl/home-ca.pem",
+            "{unit}"
+        );
+    }
     // No keys: refused with a reason.
     let failed = eval(
         &lib,
@@ -705,10 +729,15 @@ fn a_cache_channel_in_a_bucket_gets_its_credentials_from_an_environment_file() {
         "/run/secrets/fleet-s3"
     );
     // Not from the world-readable store.
-    let out = eval(&lib, &module("/nix/store/0000000000000000000000000000000a-creds"));
+    let out = eval(
+        &lib,
+        &module("/nix/store/0000000000000000000000000000000a-creds"),
+    );
     let failed = out["failedAssertions"].to_string();
     assert!(failed.contains("environmentFile"), "{failed}");
     // Without one, no EnvironmentFile line.
     let out = eval(&lib, &agent(""));
-    assert!(out["agent"]["serviceConfig"].get("EnvironmentFile").is_none());
+    assert!(out["agent"]["serviceConfig"]
+        .get("EnvironmentFile")
+        .is_none());
 }

@@ -464,3 +464,106 @@ impl TlsFileServer {
             .collect()
     }
 }
+
+/// TLS in front of any loopback TCP server (Python's `ssl`): terminates TLS with the given
+/// certificate and key and relays the bytes to `127.0.0.1:<backend>`, so the smart git server,
+/// the S3 server and the collector can be reached over HTTPS behind a private CA. A connection
+/// whose handshake fails is never relayed; the log has one line per connection (`forwarded` or
+/// `refused <why>`).
+pub struct TlsProxy {
+    _child: crate::KillOnDrop,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl TlsProxy {
+    pub fn start(backend: u16, cert_pem: &str, key_pem: &str, work: &Path) -> Self {
+        std::fs::create_dir_all(work).unwrap();
+        let (cert, key, log) = (
+            work.join("cert.pem"),
+            work.join("key.pem"),
+            work.join("connections.log"),
+        );
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&key, key_pem).unwrap();
+        std::fs::write(&log, "").unwrap();
+        let script = r#"
+import socket, ssl, sys, threading
+port, backend, cert, key, log = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+lock = threading.Lock()
+def note(line):
+    with lock, open(log, 'a') as f:
+        f.write(line + '\n')
+def relay(source, sink):
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            sink.sendall(data)
+    except OSError:
+        pass
+    for s in (source, sink):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+def handle(client):
+    try:
+        secure = context.wrap_socket(client, server_side=True)
+    except (OSError, ssl.SSLError) as e:
+        note('refused ' + str(e).replace('\n', ' '))
+        client.close()
+        return
+    note('forwarded')
+    upstream = socket.create_connection(('127.0.0.1', backend))
+    threading.Thread(target=relay, args=(secure, upstream), daemon=True).start()
+    relay(upstream, secure)
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(('127.0.0.1', port))
+server.listen(64)
+while True:
+    client, _ = server.accept()
+    threading.Thread(target=handle, args=(client,), daemon=True).start()
+"#;
+        let port = crate::free_port();
+        let child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(backend.to_string())
+            .arg(&cert)
+            .arg(&key)
+            .arg(&log)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 (scripts/setup installs it)");
+        let proxy = Self {
+            _child: crate::KillOnDrop(child),
+            port,
+            log,
+        };
+        crate::wait_for_port(port);
+        proxy
+    }
+
+    /// How many connections were relayed to the backend (their handshake succeeded).
+    pub fn forwarded(&self) -> usize {
+        self.connections()
+            .iter()
+            .filter(|l| *l == "forwarded")
+            .count()
+    }
+
+    /// One line per connection: `forwarded` or `refused <why>`.
+    pub fn connections(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}

@@ -18,6 +18,7 @@ mod keyfile;
 mod nix;
 mod objects;
 mod process;
+mod progress;
 mod record;
 
 use clap::{Parser, Subcommand};

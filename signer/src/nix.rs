@@ -7,6 +7,7 @@
 //! both are read.
 
 use crate::process::{self, ProcessError};
+use crate::progress::NixProgress;
 use anyhow::{bail, Context as _, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -80,8 +81,13 @@ pub fn toplevel_attr(flake: &str, host: &str) -> String {
 /// Linux's limit on arguments (2 MiB) from about 20,000 hosts.
 const BATCH: usize = 2_000;
 
-/// Builds (or substitutes) each host's toplevel; returns host -> store path.
-pub fn build_toplevels(flake: &str, hosts: &[String]) -> Result<BTreeMap<String, String>> {
+/// Builds (or substitutes) each host's toplevel, showing `progress`; returns host -> store
+/// path.
+pub fn build_toplevels(
+    flake: &str,
+    hosts: &[String],
+    progress: &mut NixProgress,
+) -> Result<BTreeMap<String, String>> {
     #[derive(Deserialize)]
     struct Built {
         outputs: BTreeMap<String, String>,
@@ -89,9 +95,19 @@ pub fn build_toplevels(flake: &str, hosts: &[String]) -> Result<BTreeMap<String,
     let mut built: Vec<Built> = Vec::new();
     for batch in hosts.chunks(BATCH) {
         let mut command = nix();
-        command.args(["build", "--json", "--no-link"]);
+        command.args([
+            "build",
+            "--json",
+            "--no-link",
+            "--log-format",
+            "internal-json",
+        ]);
         command.args(batch.iter().map(|h| toplevel_attr(flake, h)));
-        built.extend(json::<Vec<Built>>(command, "nix build")?);
+        let stdout = process::run_nix(command, progress)?;
+        built.extend(
+            serde_json::from_slice::<Vec<Built>>(&stdout)
+                .context("could not read the output of nix build")?,
+        );
     }
     if built.len() != hosts.len() {
         bail!(
@@ -167,13 +183,14 @@ fn unique(paths: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Copies the closures of `paths` to the binary cache at `to` (anything `nix copy --to` takes).
-pub fn copy_to(to: &str, paths: &[String]) -> Result<(), ProcessError> {
+/// Copies the closures of `paths` to the binary cache at `to` (anything `nix copy --to` takes),
+/// showing `progress`.
+pub fn copy_to(to: &str, paths: &[String], progress: &mut NixProgress) -> Result<(), ProcessError> {
     for batch in unique(paths).chunks(BATCH) {
         let mut command = nix();
-        command.args(["copy", "--to", to]);
+        command.args(["copy", "--log-format", "internal-json", "--to", to]);
         command.args(batch);
-        process::run(command)?;
+        process::run_nix(command, progress)?;
     }
     Ok(())
 }

@@ -84,3 +84,53 @@ pub fn run_with_input(mut command: Command, stdin: &[u8]) -> Result<Vec<u8>, Pro
 pub fn run(command: Command) -> Result<Vec<u8>, ProcessError> {
     run_with_input(command, &[])
 }
+
+/// Runs a `nix` command whose stderr is its structured log (`--log-format internal-json`),
+/// feeding `progress` each line as it comes; returns its stdout when it exits 0, else an error
+/// with what Nix said and the failing build's log.
+pub fn run_nix(
+    mut command: Command,
+    progress: &mut crate::progress::NixProgress,
+) -> Result<Vec<u8>, ProcessError> {
+    use std::io::{BufRead as _, Read as _};
+    let line = command_line(&command);
+    if VERBOSE.load(Ordering::Relaxed) {
+        eprintln!("+ {line}");
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let spawn_error = |source| ProcessError::Spawn {
+        command: line.clone(),
+        source,
+    };
+    let mut child = command.spawn().map_err(spawn_error)?;
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    // Read from a thread so a child that fills its stdout pipe cannot stall its stderr.
+    let reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        stdout.read_to_end(&mut bytes).map(|_| bytes)
+    });
+    let stderr = std::io::BufReader::new(child.stderr.take().expect("stderr is piped"));
+    for text in stderr.split(b'\n') {
+        match text {
+            Ok(text) => progress.line(&String::from_utf8_lossy(&text)),
+            Err(_) => break,
+        }
+    }
+    let status = child.wait().map_err(spawn_error)?;
+    let stdout = reader
+        .join()
+        .unwrap_or_else(|_| Ok(Vec::new()))
+        .map_err(spawn_error)?;
+    if status.success() {
+        Ok(stdout)
+    } else {
+        Err(ProcessError::Failed {
+            command: line,
+            status: describe(status),
+            stderr: progress.failure(),
+        })
+    }
+}

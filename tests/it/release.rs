@@ -560,3 +560,49 @@ fn a_channel_rolled_back_is_named_and_no_serial_is_issued_twice() {
         "{recorded}"
     );
 }
+
+#[test]
+fn a_release_shows_its_progress_and_a_failing_build_shows_nix_s_output() {
+    let mut op = Fleet::new(&["a", "b"]);
+    op.fleet.set("b", |h| h.payload_mib = 1);
+    op.fleet.commit("b: a payload");
+    // Not a terminal (captured): a plain line per step, then a summary per stage.
+    let out = op.release(&[]);
+    out.ok();
+    for host in ["a", "b"] {
+        for step in ["building", "built"] {
+            let line = format!("  {step} nixos-system-{host}-1\n");
+            assert!(out.stderr.contains(&line), "{line:?} in\n{out}");
+        }
+        assert!(
+            out.stderr
+                .contains(&format!("  copied nixos-system-{host}-1")),
+            "{out}"
+        );
+    }
+    assert!(out.stderr.contains("  2 derivation(s) built\n"), "{out}");
+    assert!(out.stderr.contains("  2 path(s) copied ("), "{out}");
+    let serial = op.published_json()["serial"].clone();
+
+    // A host whose system does not build: its builder's own words and Nix's error, nothing
+    // published.
+    op.fleet.set("a", |h| h.behaviour = "unbuildable".into());
+    op.fleet.commit("a: broken");
+    let out = op.release(&[]);
+    assert_ne!(out.code, Some(0), "{out}");
+    for said in [
+        "log line(s) of /nix/store/",
+        "> evaluating the configuration of a",
+        "> error: the option services.broken.enable does not exist",
+        "builder for '/nix/store/",
+    ] {
+        assert!(out.stderr.contains(said), "{said:?} in\n{out}");
+    }
+    assert!(!out.stderr.contains("@nix {"), "{out}");
+    assert!(
+        out.stderr.contains("  failed to build nixos-system-a-1\n"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("  built nixos-system-a-1\n"), "{out}");
+    assert_eq!(op.published_json()["serial"], serial);
+}

@@ -13,7 +13,8 @@ use std::process::Command;
 pub struct Host {
     pub kind: String,
     pub version: String,
-    /// "ok", "fail" (switch-to-configuration test fails) or "hang".
+    /// "ok", "fail" (switch-to-configuration test fails), "hang" or "unbuildable" (its
+    /// toplevel's builder fails, saying why in its log).
     pub behaviour: String,
     pub kernel: String,
     /// MiB of incompressible data in the system (a closure of realistic size).

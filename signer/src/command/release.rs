@@ -14,6 +14,7 @@
 use super::{now, rfc3339, SigningArgs};
 use crate::channel::{Channel, Published};
 use crate::config::{Loaded, RawHost};
+use crate::progress::{human_size, NixProgress};
 use crate::record::Record;
 use crate::{keyfile, nix};
 use anyhow::{bail, Context as _, Result};
@@ -460,21 +461,6 @@ fn with_secret_key(cache: &str, key: &std::path::Path) -> String {
     format!("{cache}{separator}secret-key={}", key.display())
 }
 
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 pub fn run(args: Args) -> Result<()> {
     let config = Loaded::load(args.config.as_deref())?;
     let settings = settings(&args, config)?;
@@ -534,7 +520,11 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => {
             eprintln!("building {} host(s): {}", chosen.len(), chosen.join(", "));
-            let built = nix::build_toplevels(&source.locked_url, &chosen)?;
+            let mut progress = NixProgress::new();
+            let built = nix::build_toplevels(&source.locked_url, &chosen, &mut progress);
+            let summary = progress.finish();
+            let built = built?;
+            eprintln!("  {}", summary.as_deref().unwrap_or("nothing to build"));
             for (host, path) in &built {
                 eprintln!("  built {host:<20} {path}");
             }
@@ -560,8 +550,11 @@ pub fn run(args: Args) -> Result<()> {
     };
     if !local.is_empty() {
         eprintln!("copying {} closure(s) to {}", local.len(), settings.cache);
-        nix::copy_to(&upload, &local)
-            .with_context(|| format!("could not copy the closures to {}", settings.cache))?;
+        let mut progress = NixProgress::new();
+        let copied = nix::copy_to(&upload, &local, &mut progress);
+        let summary = progress.finish();
+        copied.with_context(|| format!("could not copy the closures to {}", settings.cache))?;
+        eprintln!("  {}", summary.as_deref().unwrap_or("already there"));
     }
     match &settings.cache_key {
         Some((_, public)) => nix::verify_in_store(&settings.cache, &[public.to_string()], &paths)

@@ -11,6 +11,11 @@ let
     builder = "/bin/sh";
     args = [ "-c" ''
       set -e
+      if [ "${behaviour}" = unbuildable ]; then
+        echo "evaluating the configuration of ${name}"
+        echo "error: the option services.broken.enable does not exist" >&2
+        exit 1
+      fi
       /bin/mkdir -p $out/bin
       /bin/cp ${./switch-to-configuration.sh} $out/bin/switch-to-configuration
       /bin/chmod 555 $out/bin/switch-to-configuration

@@ -410,3 +410,56 @@ fn release_during_health_window(channel: Channel) {
     let calls = host.switch_calls();
     assert_eq!(&calls[..2], [format!("test {v2}"), format!("boot {v2}")]);
 }
+
+#[test]
+fn a_host_released_with_not_before_waits_then_moves() {
+    let mut fleet = Fleet::new(&["a", "b"]);
+    let a = fleet.host("a", Channel::Directory);
+    let b = fleet.host("b", Channel::Directory);
+    let (a1, b1) = (fleet.fleet.build("a"), fleet.fleet.build("b"));
+    for host in ["a", "b"] {
+        fleet.fleet.set(host, |h| h.version = "2".into());
+    }
+    fleet.fleet.commit("v2");
+    // Bad values are refused before anything is built or published.
+    for (bad, says) in [("tomorrow", "give a time"), ("+400d", "never move")] {
+        fleet
+            .release(&["--on", "a", "--not-before", bad])
+            .fails_with(2, says);
+    }
+    // a waits 8 s (a maintenance window); b is released after it without one.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    fleet.release(&["--on", "a", "--not-before", "+8s"]).ok();
+    fleet.release(&["--on", "b"]).ok();
+    let entry = &fleet.published_json()["hosts"]["a"];
+    let at = entry["not_before"].as_u64().unwrap();
+    assert!((started + 8..=started + 12).contains(&at), "{entry}");
+    assert!(fleet.published_json()["hosts"]["b"]
+        .get("not_before")
+        .is_none());
+
+    let (code, outcome) = a.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    assert_eq!(outcome["outcome"], "waiting", "{outcome}");
+    assert_eq!(outcome["not_before"], at, "{outcome}");
+    a.assert_on(&a1);
+    assert!(a.switch_calls().is_empty());
+    let (_, outcome) = b.once_outcome();
+    assert_eq!(outcome["outcome"], "committed", "{outcome}");
+    assert_ne!(fleet.fleet.build("b"), b1);
+
+    fleet_tests::wait_until("the window opens", 15, || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            >= at
+    });
+    let (code, outcome) = a.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    assert_eq!(outcome["outcome"], "committed", "{outcome}");
+    a.assert_on(&fleet.fleet.build("a"));
+}

@@ -72,6 +72,11 @@ pub struct Args {
     /// How long the release stays valid, e.g. 30d, 12h (default 30d, at most 366d).
     #[arg(long)]
     expires: Option<String>,
+    /// The hosts built (or given) in this release wait until then before they move: an RFC
+    /// 3339 time (2026-12-01T03:00:00Z) or a delay from now (+2h). With --on, a maintenance
+    /// window for some hosts or groups.
+    #[arg(long)]
+    not_before: Option<String>,
     /// Release from a flake with uncommitted changes (the release then names no commit).
     #[arg(long)]
     allow_dirty: bool,
@@ -456,6 +461,27 @@ fn next_serial(
     }
 }
 
+/// `--not-before`: an RFC 3339 time, or `+<duration>` from `now`.
+fn not_before(text: &str, now: u64) -> Result<u64> {
+    let bad = |why: String| {
+        crate::usage(format!(
+            "--not-before '{text}': {why}; give a time (2026-12-01T03:00:00Z) or a delay (+2h)"
+        ))
+    };
+    match text.strip_prefix('+') {
+        Some(delay) => humantime::parse_duration(delay)
+            .map(|d| now + d.as_secs())
+            .map_err(|e| bad(e.to_string())),
+        None => humantime::parse_rfc3339_weak(text)
+            .map_err(|e| bad(e.to_string()))
+            .and_then(|t| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .map_err(|_| bad("before 1970".into()))
+            }),
+    }
+}
+
 fn with_secret_key(cache: &str, key: &std::path::Path) -> String {
     let separator = if cache.contains('?') { '&' } else { '?' };
     format!("{cache}{separator}secret-key={}", key.display())
@@ -594,6 +620,22 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
     }
+    let not_before = args
+        .not_before
+        .as_deref()
+        .map(|text| not_before(text, started))
+        .transpose()?;
+    if let Some(at) = not_before {
+        let expires = started + settings.validity.as_secs();
+        if at >= expires {
+            return Err(crate::usage(format!(
+                "--not-before {} is not before the release expires ({}): the hosts would never \
+                 move",
+                rfc3339(at),
+                rfc3339(expires)
+            )));
+        }
+    }
     for (name, path) in &built {
         let toplevel = StorePath::parse(path)
             .map_err(|e| anyhow::anyhow!("nix built something unexpected for '{name}': {e}"))?;
@@ -603,7 +645,7 @@ pub fn run(args: Args) -> Result<()> {
             HostEntry {
                 toplevel,
                 wave: old.as_ref().and_then(|o| o.wave),
-                not_before: None,
+                not_before,
                 report_key: old.and_then(|o| o.report_key),
             },
         );

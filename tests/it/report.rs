@@ -906,3 +906,50 @@ fn an_idle_daemon_writes_nothing_to_persistent_storage_while_it_polls_and_report
     assert!(changed.is_empty(), "changed while idle: {changed:#?}");
     host.assert_on(&v2);
 }
+
+#[test]
+fn status_counts_each_wave_committed_pending_failed_and_silent() {
+    let names = ["a", "b", "c"];
+    let (mut fleet, hosts, config) = reporting_fleet(&names);
+    let toml = std::fs::read_to_string(&config).unwrap();
+    let toml = toml
+        .replace("[hosts.a]\n", "[hosts.a]\nwave = 0\n")
+        .replace("[hosts.b]\n", "[hosts.b]\nwave = 1\n")
+        .replace("[hosts.c]\n", "[hosts.c]\nwave = 1\n");
+    std::fs::write(&config, toml).unwrap();
+    release(&mut fleet, &config, &names, "2", &["b"]);
+    assert_eq!(fleet.published_json()["hosts"]["c"]["wave"], 1);
+    let collector = Collector::start(
+        &fleet.dir.join("collector/fleet.db"),
+        &fleet.channel_dir.display().to_string(),
+        &fleet.release_public_key(),
+    );
+    for host in &hosts {
+        report_to(&fleet, host, &collector.url, "");
+    }
+    // a commits, b rolls back, c never polls.
+    assert_eq!(hosts[0].once_outcome().1["outcome"], "committed");
+    assert_eq!(hosts[1].once_outcome().1["outcome"], "rolled-back");
+
+    let mut c = command("fleet-sign");
+    c.args(["status", "--collector", &collector.url]);
+    let table = run(c).ok().stdout.clone();
+    assert!(
+        table.contains("wave 0: 1 committed, 0 pending, 0 failed, 0 silent\n"),
+        "{table}"
+    );
+    assert!(
+        table.contains("wave 1: 0 committed, 0 pending, 1 failed, 1 silent\n"),
+        "{table}"
+    );
+    let mut c = command("fleet-sign");
+    c.args(["status", "--json", "--collector", &collector.url]);
+    let view: serde_json::Value = serde_json::from_str(&run(c).ok().stdout).unwrap();
+    assert_eq!(
+        view["waves"],
+        serde_json::json!([
+            {"wave": 0, "committed": 1, "pending": 0, "failed": 0, "silent": 0},
+            {"wave": 1, "committed": 0, "pending": 0, "failed": 1, "silent": 1},
+        ])
+    );
+}

@@ -17,6 +17,9 @@ pub struct HostView {
     pub listed: bool,
     /// The system the newest release wants on the host.
     pub wanted: Option<String>,
+    /// The host's rollout wave in the newest release, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave: Option<u32>,
     /// ok, deploying, behind, failing, unknown: see [`health`].
     pub health: String,
     pub last_seen: Option<u64>,
@@ -94,6 +97,7 @@ pub fn fleet_view(collector: &Collector, now: u64) -> Result<FleetView> {
                     host: host.clone(),
                     listed: true,
                     wanted: Some(entry.toplevel.as_str().to_owned()),
+                    wave: entry.wave,
                     health: String::new(),
                     last_seen: None,
                     peer: None,
@@ -107,6 +111,7 @@ pub fn fleet_view(collector: &Collector, now: u64) -> Result<FleetView> {
             host: latest.host.clone(),
             listed: false,
             wanted: None,
+            wave: None,
             health: String::new(),
             last_seen: None,
             peer: None,

@@ -52,9 +52,15 @@ pub fn run(args: Args) -> Result<()> {
         let text = response.text()?;
         let view: FleetView = serde_json::from_str(&text)
             .with_context(|| format!("{endpoint} did not answer with a fleet view"))?;
+        let json = || -> Result<String> {
+            // The collector's view, with the waves as this command counts them.
+            let mut value: serde_json::Value = serde_json::from_str(&text)?;
+            value["waves"] = serde_json::to_value(waves(&view, args.stale))?;
+            Ok(serde_json::to_string_pretty(&value)?)
+        };
         let Some(interval) = args.watch else {
             if args.json {
-                println!("{text}");
+                println!("{}", json()?);
             } else {
                 print!("{}", table(&view, args.stale, color));
             }
@@ -65,7 +71,7 @@ pub fn run(args: Args) -> Result<()> {
             print!("\x1b[2J\x1b[H");
         }
         if args.json {
-            println!("{text}");
+            println!("{}", json()?);
         } else {
             print!("{}", table(&view, args.stale, color));
         }
@@ -80,6 +86,42 @@ fn age(seconds: u64) -> String {
         7200..=172_799 => format!("{}h ago", seconds / 3600),
         _ => format!("{}d ago", seconds / 86_400),
     }
+}
+
+/// One wave of the newest release, as its hosts report.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Wave {
+    pub wave: u32,
+    /// Healthy on what the release wants.
+    pub committed: usize,
+    /// Reporting, on their way (deploying, behind).
+    pub pending: usize,
+    /// An error stands or a required check fails.
+    pub failed: usize,
+    /// No report within `--stale` (or never).
+    pub silent: usize,
+}
+
+/// The waves of the release's hosts, in order (none when no host has a wave).
+pub fn waves(view: &FleetView, stale: Duration) -> Vec<Wave> {
+    let mut waves: std::collections::BTreeMap<u32, Wave> = Default::default();
+    for host in view.hosts.iter().filter(|h| h.listed) {
+        let Some(number) = host.wave else { continue };
+        let wave = waves.entry(number).or_insert_with(|| Wave {
+            wave: number,
+            ..Wave::default()
+        });
+        if host.health == "failing" {
+            wave.failed += 1;
+        } else if is_stale(host, view.now, stale) {
+            wave.silent += 1;
+        } else if host.health == "ok" {
+            wave.committed += 1;
+        } else {
+            wave.pending += 1;
+        }
+    }
+    waves.into_values().collect()
 }
 
 fn is_stale(host: &HostView, now: u64, stale: Duration) -> bool {
@@ -179,6 +221,12 @@ pub fn table(view: &FleetView, stale: Duration, color: bool) -> String {
             }
         }
         None => out += &format!("fleet {}: no release known to the collector\n", view.fleet),
+    }
+    for wave in waves(view, stale) {
+        out += &format!(
+            "wave {}: {} committed, {} pending, {} failed, {} silent\n",
+            wave.wave, wave.committed, wave.pending, wave.failed, wave.silent
+        );
     }
     for (row, mark) in rows.iter().zip(marks) {
         let line: Vec<String> = row

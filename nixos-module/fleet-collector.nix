@@ -20,6 +20,8 @@ let
   } // lib.optionalAttrs (cfg.sshKeyFile != null) {
     GIT_SSH_COMMAND = "ssh -i %d/ssh-key -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile=%d/known-hosts -o StrictHostKeyChecking=yes";
   };
+  # Credentials from the environment (a cache+s3:// channel's), read by systemd.
+  environmentFile = lib.optionalAttrs (cfg.environmentFile != null) { EnvironmentFile = cfg.environmentFile; };
   # A private CA for https channels (and git over https), besides the system's trust store.
   caEnvironment = lib.optionalAttrs (cfg.caFile != null) { FLEET_CA_FILE = toString cfg.caFile; };
   channelCredentials =
@@ -122,6 +124,13 @@ in
       description = "An SSH deploy key for a git+ssh channel (through LoadCredential; outside the Nix store).";
     };
 
+    environmentFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "/run/secrets/fleet-s3";
+      description = "A file of NAME=value lines for collect and refresh (systemd's EnvironmentFile, read by systemd before the dynamic user exists): the AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY of a cache+s3:// channel. Outside the Nix store.";
+    };
+
     caFile = lib.mkOption {
       type = lib.types.nullOr (lib.types.either lib.types.path lib.types.str);
       default = null;
@@ -182,8 +191,8 @@ in
         message = "services.fleet-collector.trustedKeys must hold at least `threshold` release keys.";
       }
       {
-        assertion = lib.all (f: f == null || !lib.isStorePath f) [ cfg.tokenFile cfg.sshKeyFile ];
-        message = "services.fleet-collector.tokenFile and sshKeyFile must be paths outside the Nix store: the store is readable by every user.";
+        assertion = lib.all (f: f == null || !lib.isStorePath f) [ cfg.tokenFile cfg.sshKeyFile cfg.environmentFile ];
+        message = "services.fleet-collector.tokenFile, sshKeyFile and environmentFile must be paths outside the Nix store: the store is readable by every user.";
       }
       {
         assertion = cfg.sshKeyFile == null || cfg.sshKnownHostsFile != null;
@@ -226,7 +235,7 @@ in
         DynamicUser = true;
         StateDirectory = "fleet-collector";
         StateDirectoryMode = "0700";
-      } // sandbox // {
+      } // sandbox // environmentFile // {
         # It reads a channel, writes its database and answers HTTP: nothing else.
         MemoryDenyWriteExecute = true;
         # A machine test reads a git:// channel under it (git included); git+ssh is not yet tested.
@@ -272,7 +281,7 @@ in
         DynamicUser = directories == [ ];
         ReadWritePaths = directories;
         UMask = "0022";
-      } // sandbox;
+      } // sandbox // environmentFile;
     };
     systemd.timers.fleet-refresh = lib.mkIf (fresh.keyFile != null) {
       wantedBy = [ "timers.target" ];

@@ -116,6 +116,14 @@ impl Channel {
             .map_err(anyhow::Error::msg)
     }
 
+    /// The Nix store URL of a cache channel (`cache+<store URL>`).
+    pub fn cache_store(&self) -> Option<&str> {
+        match &self.0 {
+            ChannelSpec::Cache(cache) => Some(&cache.store),
+            _ => None,
+        }
+    }
+
     /// Whether this is a git remote.
     pub fn is_git(&self) -> bool {
         matches!(self.0, ChannelSpec::Git { .. })

@@ -11,13 +11,20 @@ const CACHE_ONLY: &str = "use_release_substituters = false\n";
 
 /// `fleet-sign release` publishing to `channel` alone (closures to the file cache).
 fn release_to(fleet: &Fleet, channel: &str, extra: &[&str]) -> Run {
+    let cache = format!("file://{}", fleet.cache_dir.display());
+    release_with_cache(fleet, channel, Some(&cache), extra)
+}
+
+/// [`release_to`] with `--cache` given or not.
+fn release_with_cache(fleet: &Fleet, channel: &str, cache: Option<&str>, extra: &[&str]) -> Run {
     let mut c = fleet_tests::command("fleet-sign");
     c.env("XDG_STATE_HOME", fleet.workstation_state())
         .arg("release")
-        .args(["--fleet", "home", "--flake", &fleet.fleet.flake_ref()])
-        .arg("--cache")
-        .arg(format!("file://{}", fleet.cache_dir.display()))
-        .arg("--cache-key")
+        .args(["--fleet", "home", "--flake", &fleet.fleet.flake_ref()]);
+    if let Some(cache) = cache {
+        c.args(["--cache", cache]);
+    }
+    c.arg("--cache-key")
         .arg(&fleet.cache_key.secret)
         .args(["--channel", channel, "--key"])
         .arg(&fleet.release_key)
@@ -41,7 +48,8 @@ fn a_host_whose_only_channel_is_its_file_cache_moves_from_it() {
     let v1 = fleet.fleet.build("a");
     fleet.fleet.set("a", |h| h.version = "2".into());
     fleet.fleet.commit("a: 2");
-    release_to(&fleet, &channel, &[]).ok();
+    // No --cache: the cache channel is the cache the closures go to.
+    release_with_cache(&fleet, &channel, None, &[]).ok();
     let v2 = fleet.fleet.build("a");
 
     // The release lies beside the cache's own files, under fleet/.

@@ -278,6 +278,7 @@ fn the_collector_module_runs_fleet_sign_collect_as_a_dynamic_user() {
             channel = "git+https://git.lan/fleet.git";
             trustedKeys = [ "ops-2026:49SIOpjnGSp5r+SsncgIRf6j4OKvy4m67GEJc2oWQ3s=" ];
             caFile = "/etc/ssl/home-ca.pem";
+            environmentFile = "/run/secrets/fleet-s3";
             freshness.keys = [ "fresh-ci:5SO5A/3oRhOc7Gu5S3hwoRPaJLNITTyEeM8zxnnkNbk=" ];
             freshness.keyFile = "/run/secrets/fresh.sec";
             freshness.channels = [ "git+https://git.lan/fleet.git" ];
@@ -287,6 +288,10 @@ fn the_collector_module_runs_fleet_sign_collect_as_a_dynamic_user() {
     for unit in ["collector", "refresh"] {
         assert_eq!(
             out[unit]["environment"]["FLEET_CA_FILE"], "/etc/ssl/home-ca.pem",
+            "{unit}"
+        );
+        assert_eq!(
+            out[unit]["serviceConfig"]["EnvironmentFile"], "/run/secrets/fleet-s3",
             "{unit}"
         );
     }

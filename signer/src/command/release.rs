@@ -161,11 +161,24 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
         trust.threshold().min(signing_trusted),
     )
     .map_err(crate::usage)?;
+    let channels = config.channels(&args.channels)?;
+    // A cache channel is the cache too when none is named: one URL for both.
+    let mut cache_channels = channels.iter().filter_map(Channel::cache_store);
+    let cache_channel = match (cache_channels.next(), cache_channels.next()) {
+        (Some(store), None) => Some(store.to_owned()),
+        _ => None,
+    };
     let cache = args
         .cache
         .clone()
         .or(config.raw.cache.clone())
-        .ok_or_else(|| crate::usage("no binary cache: give --cache or set cache in fleet.toml"))?;
+        .or(cache_channel)
+        .ok_or_else(|| {
+            crate::usage(
+                "no binary cache: give --cache, set cache in fleet.toml, or publish to one \
+                 cache+<store URL> channel",
+            )
+        })?;
     let cache_key_path =
         args.cache_key
             .clone()
@@ -177,7 +190,6 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
         }
         None => None,
     };
-    let channels = config.channels(&args.channels)?;
     let expires = args
         .expires
         .clone()

@@ -173,10 +173,8 @@ impl S3Channel {
             Some(Some(found)) => found,
         };
         let signatures = self
-            .get(signatures, signatures_limit, None)
+            .fetch_file(signatures, signatures_limit)
             .await?
-            .flatten()
-            .map(|(bytes, _)| bytes)
             .unwrap_or_default();
         let freshness = match self.want_freshness {
             WantFreshness(true) => match self.poll_freshness_with(None).await? {
@@ -229,10 +227,8 @@ impl S3Channel {
                 }
                 Some(Some((statement, etag))) => {
                     let signatures = self
-                        .get(signatures, signatures_limit, None)
+                        .fetch_file(signatures, signatures_limit)
                         .await?
-                        .flatten()
-                        .map(|(bytes, _)| bytes)
                         .unwrap_or_default();
                     self.freshness_etag = etag;
                     FreshnessPolled::Statement(Some(FetchedFreshness {

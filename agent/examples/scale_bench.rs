@@ -34,6 +34,8 @@ fn entries(hosts: usize) -> BTreeMap<String, HostEntry> {
                 .unwrap(),
                 wave: Some((i % 3) as u32),
                 not_before: None,
+                target: None,
+                previous: None,
                 report_key: Some(report_key.clone()),
             };
             (format!("host-{i:06}"), entry)

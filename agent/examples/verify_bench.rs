@@ -33,6 +33,8 @@ fn main() {
                 toplevel: StorePath::parse(&toplevel).unwrap(),
                 wave: Some((i % 3) as u32),
                 not_before: None,
+                target: None,
+                previous: None,
                 report_key: Some(report_key.clone()),
             },
         );

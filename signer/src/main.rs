@@ -42,6 +42,14 @@ struct Cli {
 enum Command {
     Keygen(command::keygen::Args),
     Release(command::release::Args),
+    /// Move the next wave of the rollout in progress (a new serial, signed).
+    Promote(command::release::Args),
+    /// Hold the rollout in progress: no wave is promoted until resume.
+    Pause(command::release::Args),
+    /// Let the paused rollout be promoted again.
+    Resume(command::release::Args),
+    /// End the rollout: hosts it moved get their previous systems back, the rest keep theirs.
+    Abort(command::release::Args),
     Sign(command::sign::Args),
     Refresh(command::refresh::Args),
     Verify(command::verify::Args),
@@ -112,7 +120,11 @@ fn main() -> ExitCode {
         sigpipe::reset();
     }
     let json = match &cli.command {
-        Command::Release(args) => args.json(),
+        Command::Release(args)
+        | Command::Promote(args)
+        | Command::Pause(args)
+        | Command::Resume(args)
+        | Command::Abort(args) => args.json(),
         Command::Verify(args) => args.json(),
         Command::Status(args) => args.json(),
         Command::Refresh(args) => args.json(),
@@ -121,6 +133,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Keygen(args) => command::keygen::run(args),
         Command::Release(args) => command::release::run(args),
+        Command::Promote(args) => command::release::run_op(args, command::release::Op::Promote),
+        Command::Pause(args) => command::release::run_op(args, command::release::Op::Pause),
+        Command::Resume(args) => command::release::run_op(args, command::release::Op::Resume),
+        Command::Abort(args) => command::release::run_op(args, command::release::Op::Abort),
         Command::Sign(args) => command::sign::run(args),
         Command::Refresh(args) => command::refresh::run(args),
         Command::Verify(args) => command::verify::run(args),

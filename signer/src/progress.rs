@@ -237,12 +237,13 @@ impl NixProgress {
         if self.fetched > 0 {
             parts.push(format!("{} path(s) fetched", self.fetched));
         }
-        if self.copied > 0 {
-            parts.push(format!(
-                "{} path(s) copied ({})",
-                self.copied,
-                human_size(self.bytes)
-            ));
+        match (self.copied, self.bytes) {
+            (0, _) => {}
+            // Nix reports no bytes for small paths.
+            (copied, 0) => parts.push(format!("{copied} path(s) copied")),
+            (copied, bytes) => {
+                parts.push(format!("{copied} path(s) copied ({})", human_size(bytes)))
+            }
         }
         (!parts.is_empty()).then(|| parts.join(", "))
     }

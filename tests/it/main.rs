@@ -16,4 +16,5 @@ mod refusals;
 mod release;
 mod report;
 mod rollback;
+mod rollout;
 mod tls;

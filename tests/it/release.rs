@@ -581,7 +581,7 @@ fn a_release_shows_its_progress_and_a_failing_build_shows_nix_s_output() {
         );
     }
     assert!(out.stderr.contains("  2 derivation(s) built\n"), "{out}");
-    assert!(out.stderr.contains("  2 path(s) copied ("), "{out}");
+    assert!(out.stderr.contains("  2 path(s) copied"), "{out}");
     let serial = op.published_json()["serial"].clone();
 
     // A host whose system does not build: its builder's own words and Nix's error, nothing

@@ -296,12 +296,15 @@ impl PaperFleet {
                         .unwrap(),
                         wave: None,
                         not_before: None,
+                        target: None,
+                        previous: None,
                         report_key: Some(key.public().to_string()),
                     };
                     (name.clone(), entry)
                 })
                 .collect(),
             host_tree: None,
+            rollout: None,
         };
         let channel_dir = dir.join("paper-channel");
         std::fs::create_dir_all(&channel_dir).unwrap();

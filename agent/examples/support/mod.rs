@@ -31,5 +31,6 @@ pub fn release(format: u32, serial: u64, hosts: BTreeMap<String, HostEntry>) -> 
         substituters: vec!["https://cache.example.org".into()],
         hosts,
         host_tree: None,
+        rollout: None,
     }
 }

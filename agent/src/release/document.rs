@@ -65,7 +65,28 @@ pub struct Release {
     /// Format 2: the Merkle tree over the host entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_tree: Option<HostTree>,
+    /// A rollout in waves in progress (`fleet-sign release --rollout`, `promote`, `abort`).
+    /// Hosts ignore it: each runs its entry's `toplevel`; it tells the workstation which wave
+    /// is active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
 }
+
+/// Where a rollout in waves stands: waves `0..=active` have their new systems, the rest
+/// wait (their entries keep the system they run, the new one in `target`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    pub active: u32,
+    /// How many waves there are (the last is `waves - 1`).
+    pub waves: u32,
+    /// `fleet-sign pause`: no wave is promoted until `resume`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+}
+
+/// Most waves a rollout may have.
+pub const MAX_WAVES: u32 = 100;
 
 /// Format 2's commitment to the host entries: how many, and the Merkle root over their leaves
 /// (`super::host_leaf`), sorted by host name.
@@ -98,6 +119,14 @@ pub struct HostEntry {
     pub not_before: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report_key: Option<String>,
+    /// In a rollout, a host whose wave is not active yet: the system it moves to once its
+    /// wave is promoted. The host runs `toplevel` meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<StorePath>,
+    /// In a rollout, a host whose wave moved it: the system it ran before, which `fleet-sign
+    /// abort` gives back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<StorePath>,
 }
 
 /// A syntactically valid top-level Nix store path: `/nix/store/<32 nix-base32>-<name>`.
@@ -258,6 +287,14 @@ impl Release {
         }
         for (name, entry) in &self.hosts {
             entry.validate(name)?;
+        }
+        if let Some(rollout) = &self.rollout {
+            if rollout.waves == 0 || rollout.waves > MAX_WAVES || rollout.active >= rollout.waves {
+                return Err(format!(
+                    "rollout wave {} of {} is impossible (1 to {MAX_WAVES} waves)",
+                    rollout.active, rollout.waves
+                ));
+            }
         }
         Ok(())
     }

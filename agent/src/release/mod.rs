@@ -24,8 +24,8 @@ mod verify;
 mod tests;
 
 pub use document::{
-    is_valid_name, HostEntry, HostTree, Release, Source, StorePath, FORMAT_TREE, FORMAT_VERSION,
-    MAX_HOSTS, MAX_TREE_HOSTS,
+    is_valid_name, HostEntry, HostTree, Release, Rollout, Source, StorePath, FORMAT_TREE,
+    FORMAT_VERSION, MAX_HOSTS, MAX_TREE_HOSTS, MAX_WAVES,
 };
 pub use freshness::{
     freshness_message, verify_freshness, Fresh, Statement, FRESHNESS_DOMAIN, FRESHNESS_FILE,

@@ -18,6 +18,8 @@ fn release(serial: u64) -> Release {
             toplevel: StorePath::parse(TOPLEVEL).unwrap(),
             wave: Some(0),
             not_before: None,
+            target: None,
+            previous: None,
             report_key: Some(key("a", 9).public().to_string()),
         },
     );
@@ -34,6 +36,7 @@ fn release(serial: u64) -> Release {
         substituters: vec!["http://127.0.0.1:5000".into()],
         hosts,
         host_tree: None,
+        rollout: None,
     }
 }
 
@@ -205,6 +208,10 @@ fn malformed_documents_rows() {
         ("bad commit", good.replace("56697b0912ba35bff5f5d74e6c61a31052c3f1fc", "HEAD"), "malformed"),
         ("bad report key", good.replacen("\"report_key\": \"a:", "\"report_key\": \"a:x", 1), "malformed"),
         ("negative serial", good.replacen("\"serial\": 5", "\"serial\": -5", 1), "malformed"),
+        ("rollout past its last wave", good.replacen("\"format\": 1,", "\"format\": 1, \"rollout\": {\"active\": 3, \"waves\": 3},", 1), "malformed"),
+        ("rollout without waves", good.replacen("\"format\": 1,", "\"format\": 1, \"rollout\": {\"active\": 0, \"waves\": 0},", 1), "malformed"),
+        ("rollout unknown field", good.replacen("\"format\": 1,", "\"format\": 1, \"rollout\": {\"active\": 0, \"waves\": 2, \"x\": 1},", 1), "malformed"),
+        ("target not a store path", good.replacen(host_a, "\"a\": {\"target\": \"/etc/passwd\", ", 1), "malformed"),
     ];
     for (what, doc, expected) in rows {
         let doc = doc.into_bytes();

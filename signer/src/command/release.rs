@@ -19,8 +19,8 @@ use crate::record::Record;
 use crate::{keyfile, nix};
 use anyhow::{bail, Context as _, Result};
 use fleet_agent::release::{
-    self, Accepted, HostEntry, PublicKey, Release, SecretKey, SignatureFile, Source, StorePath,
-    TrustPolicy, VerifyContext, FORMAT_TREE, FORMAT_VERSION,
+    self, Accepted, HostEntry, PublicKey, Release, Rollout, SecretKey, SignatureFile, Source,
+    StorePath, TrustPolicy, VerifyContext, FORMAT_TREE, FORMAT_VERSION,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -77,6 +77,11 @@ pub struct Args {
     /// window for some hosts or groups.
     #[arg(long)]
     not_before: Option<String>,
+    /// Roll the new systems out in waves (`wave` of each host in fleet.toml; hosts without one
+    /// go last): wave 0 moves with this release, the others keep their system (the new one
+    /// waits in their entry) until `fleet-sign promote` moves the next wave.
+    #[arg(long)]
+    rollout: bool,
     /// Release from a flake with uncommitted changes (the release then names no commit).
     #[arg(long)]
     allow_dirty: bool,
@@ -111,7 +116,8 @@ struct Settings {
     /// What the new release is checked against before publishing: `trust`, with the threshold
     /// lowered to the signing keys when co-signing.
     self_check: TrustPolicy,
-    cache: String,
+    /// Where closures go; a release needs one, a rollout step builds nothing.
+    cache: Option<String>,
     cache_key: Option<(PathBuf, PublicKey)>,
     substituters: Vec<String>,
     channels: Vec<Channel>,
@@ -172,13 +178,7 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
         .cache
         .clone()
         .or(config.raw.cache.clone())
-        .or(cache_channel)
-        .ok_or_else(|| {
-            crate::usage(
-                "no binary cache: give --cache, set cache in fleet.toml, or publish to one \
-                 cache+<store URL> channel",
-            )
-        })?;
+        .or(cache_channel);
     let cache_key_path =
         args.cache_key
             .clone()
@@ -499,29 +499,47 @@ fn with_secret_key(cache: &str, key: &std::path::Path) -> String {
     format!("{cache}{separator}secret-key={}", key.display())
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let config = Loaded::load(args.config.as_deref())?;
-    let settings = settings(&args, config)?;
-    let started = now();
+/// What the new release's entries are, and what was built for them.
+struct Step {
+    hosts: BTreeMap<String, HostEntry>,
+    source: Source,
+    /// host -> store path of the systems built or given (none for a rollout step).
+    built: BTreeMap<String, String>,
+    sizes: BTreeMap<String, nix::PathInfo>,
+    /// The hints: a release's from its settings, a rollout step's those of the release it
+    /// changes.
+    substituters: Vec<String>,
+    rollout: Option<Rollout>,
+}
 
-    eprintln!(
-        "reading the current release from {} channel(s)",
-        settings.channels.len()
-    );
-    let (previous, held) = current_release(&settings)?;
-    let record = Record::open(&settings.fleet, &settings.trust);
-    let serial = next_serial(args.serial, &held, record.highest(), record.path())?;
-    if let Some((release, _)) = &previous {
-        if started < release.issued_at {
-            return Err(crate::usage(format!(
-                "this machine's clock ({}) is behind the current release's issue time ({}): \
-                 fix the clock first, hosts would see the new release as expired",
-                rfc3339(started),
-                rfc3339(release.issued_at)
-            )));
+/// Builds the chosen hosts, pushes their closures, and makes the entries of the new release
+/// (`release`).
+fn build_step(
+    args: &Args,
+    settings: &Settings,
+    previous: &Option<(Release, Accepted)>,
+    started: u64,
+) -> Result<Step> {
+    if let Some((release, _)) = previous {
+        if let Some(r) = release.rollout.as_ref().filter(|r| r.active + 1 < r.waves) {
+            return Err(crate::refusal(
+                "rollout_active",
+                format!(
+                    "release {} is rolling out in waves (wave {} of {} out): fleet-sign promote \
+                     it to the end or fleet-sign abort it before releasing again",
+                    release.serial,
+                    r.active + 1,
+                    r.waves
+                ),
+            ));
         }
     }
-
+    let cache = settings.cache.as_deref().ok_or_else(|| {
+        crate::usage(
+            "no binary cache: give --cache, set cache in fleet.toml, or publish to one \
+             cache+<store URL> channel",
+        )
+    })?;
     let source = nix::flake_source(&settings.flake)
         .with_context(|| format!("could not read flake '{}'", settings.flake))?;
     if source.revision.is_none() && !args.allow_dirty {
@@ -548,7 +566,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
 
-    let prebuilt = prebuilt_paths(&args, &all_hosts)?;
+    let prebuilt = prebuilt_paths(args, &all_hosts)?;
     let built = match &prebuilt {
         Some(given) => {
             for (host, path) in given {
@@ -583,33 +601,33 @@ pub fn run(args: Args) -> Result<()> {
         paths.clone()
     };
     let upload = match &settings.cache_key {
-        Some((key, _)) => with_secret_key(&settings.cache, key),
-        None => settings.cache.clone(),
+        Some((key, _)) => with_secret_key(cache, key),
+        None => cache.to_owned(),
     };
     if !local.is_empty() {
-        eprintln!("copying {} closure(s) to {}", local.len(), settings.cache);
+        eprintln!("copying {} closure(s) to {}", local.len(), cache);
         let mut progress = NixProgress::new();
         let copied = nix::copy_to(&upload, &local, &mut progress);
         let summary = progress.finish();
-        copied.with_context(|| format!("could not copy the closures to {}", settings.cache))?;
+        copied.with_context(|| format!("could not copy the closures to {}", cache))?;
         eprintln!("  {}", summary.as_deref().unwrap_or("already there"));
     }
     match &settings.cache_key {
-        Some((_, public)) => nix::verify_in_store(&settings.cache, &[public.to_string()], &paths)
+        Some((_, public)) => nix::verify_in_store(cache, &[public.to_string()], &paths)
             .with_context(|| {
-            format!(
-                "after the copy, {} does not hold every closure signed by cache key \
+                format!(
+                    "after the copy, {} does not hold every closure signed by cache key \
                          '{}': refusing to publish a release hosts cannot substitute",
-                settings.cache,
-                public.name()
-            )
-        })?,
+                    cache,
+                    public.name()
+                )
+            })?,
         None => {
-            let found = nix::path_info(Some(&settings.cache), &paths)?;
+            let found = nix::path_info(Some(cache), &paths)?;
             if let Some(missing) = paths.iter().find(|p| !found.contains_key(*p)) {
                 bail!(
                     "after the copy, {missing} is not in {}: refusing to publish",
-                    settings.cache
+                    cache
                 );
             }
             eprintln!(
@@ -618,13 +636,17 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
-    let sizes = nix::path_info(Some(&settings.cache), &paths)?;
+    let sizes = nix::path_info(Some(cache), &paths)?;
 
     let mut hosts: BTreeMap<String, HostEntry> = BTreeMap::new();
     if let Some((release, _)) = &previous {
         for (name, entry) in &release.hosts {
             if all_hosts.set.contains(name.as_str()) {
-                hosts.insert(name.clone(), entry.clone());
+                // A finished rollout's notes end with it.
+                let mut entry = entry.clone();
+                entry.target = None;
+                entry.previous = None;
+                hosts.insert(name.clone(), entry);
             } else {
                 eprintln!(
                     "note: host '{name}' is no longer in the flake: dropped from the release"
@@ -658,6 +680,8 @@ pub fn run(args: Args) -> Result<()> {
                 toplevel,
                 wave: old.as_ref().and_then(|o| o.wave),
                 not_before,
+                target: None,
+                previous: None,
                 report_key: old.and_then(|o| o.report_key),
             },
         );
@@ -692,19 +716,192 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
 
+    let rollout = match args.rollout {
+        true => start_rollout(&mut hosts, previous.as_ref().map(|(r, _)| r))?,
+        false => None,
+    };
+    Ok(Step {
+        hosts,
+        source: Source {
+            repo: source.url.clone(),
+            commit: source.revision.clone(),
+        },
+        built,
+        sizes,
+        substituters: settings.substituters.clone(),
+        rollout,
+    })
+}
+
+pub fn run(args: Args) -> Result<()> {
+    run_op(args, Op::Release)
+}
+
+/// `release --rollout`: the hosts whose system changes in a wave after 0 keep their old
+/// system, the new one in `target`; those in wave 0 move and keep their old one in `previous`.
+fn start_rollout(
+    hosts: &mut BTreeMap<String, HostEntry>,
+    previous: Option<&Release>,
+) -> Result<Option<Rollout>> {
+    let last = hosts.values().filter_map(|e| e.wave).max().unwrap_or(0)
+        + u32::from(hosts.values().any(|e| e.wave.is_none()));
+    if last == 0 {
+        return Err(crate::usage(
+            "--rollout needs hosts in more than one wave: set wave = 0 (canaries), 1, … for hosts \
+             in fleet.toml",
+        ));
+    }
+    if last >= release::MAX_WAVES {
+        return Err(crate::usage(format!(
+            "a rollout has at most {} waves",
+            release::MAX_WAVES
+        )));
+    }
+    for (name, entry) in hosts.iter_mut() {
+        let Some(old) = previous.and_then(|r| r.hosts.get(name)) else {
+            continue; // a new host has nothing to keep
+        };
+        if old.toplevel == entry.toplevel {
+            continue;
+        }
+        match entry.wave.unwrap_or(last) {
+            0 => entry.previous = Some(old.toplevel.clone()),
+            _ => entry.target = Some(std::mem::replace(&mut entry.toplevel, old.toplevel.clone())),
+        }
+    }
+    Ok(Some(Rollout {
+        active: 0,
+        waves: last + 1,
+        paused: false,
+    }))
+}
+
+/// `promote`, `pause`, `resume`, `abort`: the entries of the release in the channels, changed
+/// for that step; nothing is built.
+fn rollout_step(op: Op, previous: Option<&Release>) -> Result<Step> {
+    let refuse = |why: String| crate::refusal("no_rollout", why);
+    let Some(release) = previous else {
+        return Err(refuse(
+            "the channels hold no release: nothing to roll out".into(),
+        ));
+    };
+    let Some(mut rollout) = release.rollout.clone() else {
+        return Err(refuse(format!(
+            "release {} is not rolling out in waves (fleet-sign release --rollout starts one)",
+            release.serial
+        )));
+    };
+    let mut hosts = release.hosts.clone();
+    let last = rollout.waves - 1;
+    match op {
+        Op::Promote if rollout.paused => {
+            return Err(crate::refusal(
+                "rollout_paused",
+                format!(
+                    "the rollout of release {} is paused: fleet-sign resume first",
+                    release.serial
+                ),
+            ))
+        }
+        Op::Promote if rollout.active == last => {
+            return Err(crate::refusal(
+                "rollout_complete",
+                format!(
+                    "every wave of release {} is out already ({} of {})",
+                    release.serial,
+                    last + 1,
+                    last + 1
+                ),
+            ))
+        }
+        Op::Promote => {
+            rollout.active += 1;
+            for entry in hosts.values_mut() {
+                if entry.wave.unwrap_or(last) <= rollout.active {
+                    if let Some(target) = entry.target.take() {
+                        entry.previous = Some(std::mem::replace(&mut entry.toplevel, target));
+                    }
+                }
+            }
+            eprintln!("promoting wave {} of {}", rollout.active, rollout.waves);
+        }
+        Op::Pause | Op::Resume => rollout.paused = op == Op::Pause,
+        Op::Abort => {
+            for entry in hosts.values_mut() {
+                entry.target = None;
+                if let Some(previous) = entry.previous.take() {
+                    entry.toplevel = previous;
+                }
+            }
+        }
+        Op::Release => unreachable!("a release builds"),
+    }
+    Ok(Step {
+        hosts,
+        source: release.source.clone(),
+        built: BTreeMap::new(),
+        sizes: BTreeMap::new(),
+        substituters: release.substituters.clone(),
+        rollout: (op != Op::Abort).then_some(rollout),
+    })
+}
+
+/// What `run_op` does: a new release, or a step of the rollout in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Release,
+    Promote,
+    Pause,
+    Resume,
+    Abort,
+}
+
+pub fn run_op(args: Args, op: Op) -> Result<()> {
+    let config = Loaded::load(args.config.as_deref())?;
+    let settings = settings(&args, config)?;
+    let started = now();
+
+    eprintln!(
+        "reading the current release from {} channel(s)",
+        settings.channels.len()
+    );
+    let (previous, held) = current_release(&settings)?;
+    let record = Record::open(&settings.fleet, &settings.trust);
+    let serial = next_serial(args.serial, &held, record.highest(), record.path())?;
+    if let Some((release, _)) = &previous {
+        if started < release.issued_at {
+            return Err(crate::usage(format!(
+                "this machine's clock ({}) is behind the current release's issue time ({}): \
+                 fix the clock first, hosts would see the new release as expired",
+                rfc3339(started),
+                rfc3339(release.issued_at)
+            )));
+        }
+    }
+
+    let step = match op {
+        Op::Release => build_step(&args, &settings, &previous, started)?,
+        op => rollout_step(op, previous.as_ref().map(|(r, _)| r))?,
+    };
+    let Step {
+        hosts,
+        source,
+        built,
+        sizes,
+        substituters,
+        rollout,
+    } = step;
     let mut document = Release {
         format: settings.format,
         fleet: settings.fleet.clone(),
         serial,
         issued_at: started,
         expires: started + settings.validity.as_secs(),
-        source: Source {
-            repo: source.url.clone(),
-            commit: source.revision.clone(),
-        },
-        substituters: settings.substituters.clone(),
+        source,
+        substituters,
         hosts,
         host_tree: None,
+        rollout,
     };
     // Format 2: the entries move into a Merkle tree; the document keeps its root.
     let host_files = (settings.format == FORMAT_TREE).then(|| {
@@ -774,8 +971,12 @@ pub fn run(args: Args) -> Result<()> {
     let commit_message = format!(
         "fleet {} release {serial}\n\nsource: {} at {}\nhosts: {}\n",
         settings.fleet,
-        source.url,
-        source.revision.as_deref().unwrap_or("(uncommitted tree)"),
+        document.source.repo,
+        document
+            .source
+            .commit
+            .as_deref()
+            .unwrap_or("(uncommitted tree)"),
         built.keys().cloned().collect::<Vec<_>>().join(", "),
     );
     if settings.format == FORMAT_TREE && settings.channels.iter().any(Channel::is_git) {
@@ -853,6 +1054,61 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rollout_needs_waves_and_holds_back_later_waves() {
+        let path = |c: char| {
+            StorePath::parse(&format!("/nix/store/{}-s", c.to_string().repeat(32))).unwrap()
+        };
+        let entry = |toplevel: StorePath, wave: Option<u32>| HostEntry {
+            toplevel,
+            wave,
+            not_before: None,
+            report_key: None,
+            target: None,
+            previous: None,
+        };
+        let old = Release {
+            format: FORMAT_VERSION,
+            fleet: "home".into(),
+            serial: 1,
+            issued_at: 1,
+            expires: 2,
+            source: Source {
+                repo: "r".into(),
+                commit: None,
+            },
+            substituters: Vec::new(),
+            hosts: BTreeMap::from([
+                ("a".into(), entry(path('a'), Some(0))),
+                ("b".into(), entry(path('b'), None)),
+                ("n".into(), entry(path('n'), Some(1))),
+            ]),
+            host_tree: None,
+            rollout: None,
+        };
+        // No host in a later wave: nothing to roll out.
+        let mut one = BTreeMap::from([("a".to_owned(), entry(path('c'), Some(0)))]);
+        let e = start_rollout(&mut one, Some(&old)).unwrap_err();
+        assert!(e.to_string().contains("more than one wave"), "{e}");
+        // A host without a wave goes last; an unchanged host keeps its entry as it is.
+        let mut hosts = BTreeMap::from([
+            ("a".to_owned(), entry(path('c'), Some(0))),
+            ("b".to_owned(), entry(path('d'), None)),
+            ("n".to_owned(), entry(path('n'), Some(1))),
+        ]);
+        let rollout = start_rollout(&mut hosts, Some(&old)).unwrap().unwrap();
+        assert_eq!((rollout.active, rollout.waves), (0, 3));
+        assert_eq!(
+            (&hosts["a"].toplevel, &hosts["a"].previous),
+            (&path('c'), &Some(path('a')))
+        );
+        assert_eq!(
+            (&hosts["b"].toplevel, &hosts["b"].target),
+            (&path('b'), &Some(path('d')))
+        );
+        assert_eq!(hosts["n"], entry(path('n'), Some(1)));
+    }
 
     #[test]
     fn selects_names_and_groups() {

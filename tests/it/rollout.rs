@@ -1,0 +1,109 @@
+//! Rollouts in waves, all in signed releases: `release --rollout` moves wave 0, `promote` the
+//! next, `pause`/`resume` hold promotion, `abort` gives the hosts moved their previous systems.
+
+use crate::common::{Channel, Fleet};
+use fleet_tests::{command, run, Run};
+
+/// `fleet-sign <op>` on the fleet's two channels with the release key.
+fn step(fleet: &Fleet, op: &str) -> Run {
+    let mut c = command("fleet-sign");
+    c.env("XDG_STATE_HOME", fleet.workstation_state())
+        .args([op, "--fleet", "home", "--key"])
+        .arg(&fleet.release_key)
+        .args(["--channel", &fleet.git_channel(), "--channel"])
+        .arg(&fleet.channel_dir);
+    run(c)
+}
+
+#[test]
+fn a_rollout_moves_wave_by_wave_holds_when_paused_and_aborts_back() {
+    let names = ["a", "b", "c"];
+    let mut fleet = Fleet::new(&names);
+    let hosts: Vec<_> = names
+        .iter()
+        .map(|n| fleet.host(n, Channel::Directory))
+        .collect();
+    let v1: Vec<String> = names.iter().map(|n| fleet.fleet.build(n)).collect();
+    let config = fleet.dir.join("fleet.toml");
+    std::fs::write(
+        &config,
+        "[hosts.a]\nwave = 0\n[hosts.b]\nwave = 1\n[hosts.c]\nwave = 2\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    fleet.release(&["--config", &config]).ok();
+    for name in names {
+        fleet.fleet.set(name, |h| h.version = "2".into());
+    }
+    fleet.fleet.commit("v2");
+    let v2: Vec<String> = names.iter().map(|n| fleet.fleet.build(n)).collect();
+
+    fleet.release(&["--rollout", "--config", &config]).ok();
+    let doc = fleet.published_json();
+    assert_eq!(doc["rollout"], serde_json::json!({"active": 0, "waves": 3}));
+    assert_eq!(doc["hosts"]["a"]["toplevel"], v2[0].as_str());
+    assert_eq!(doc["hosts"]["a"]["previous"], v1[0].as_str());
+    for i in [1, 2] {
+        assert_eq!(doc["hosts"][names[i]]["toplevel"], v1[i].as_str());
+        assert_eq!(doc["hosts"][names[i]]["target"], v2[i].as_str());
+    }
+    let outcomes = |expected: [&str; 3]| {
+        for (host, want) in hosts.iter().zip(expected) {
+            let (_, outcome) = host.once_outcome();
+            assert_eq!(outcome["outcome"], want, "{}: {outcome}", host.name);
+        }
+    };
+    outcomes(["committed", "up-to-date", "up-to-date"]);
+    hosts[0].assert_on(&v2[0]);
+    hosts[1].assert_on(&v1[1]);
+    hosts[2].assert_on(&v1[2]);
+
+    // No new release over a rollout in progress.
+    fleet.release(&[]).fails_with(2, "rollout_active");
+
+    // Paused: nothing is promoted, no host changes.
+    step(&fleet, "pause").ok();
+    assert_eq!(fleet.published_json()["rollout"]["paused"], true);
+    step(&fleet, "promote").fails_with(2, "rollout_paused");
+    outcomes(["up-to-date", "up-to-date", "up-to-date"]);
+    step(&fleet, "resume").ok();
+
+    // Wave 1 moves; wave 2 still waits.
+    step(&fleet, "promote").ok();
+    let doc = fleet.published_json();
+    assert_eq!(doc["rollout"], serde_json::json!({"active": 1, "waves": 3}));
+    assert_eq!(doc["hosts"]["b"]["previous"], v1[1].as_str());
+    outcomes(["up-to-date", "committed", "up-to-date"]);
+    hosts[1].assert_on(&v2[1]);
+    hosts[2].assert_on(&v1[2]);
+
+    // Abort: the moved hosts go back to their previous systems, the waiting one never moved.
+    step(&fleet, "abort").ok();
+    let doc = fleet.published_json();
+    assert!(doc.get("rollout").is_none(), "{doc}");
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(doc["hosts"][name]["toplevel"], v1[i].as_str());
+        assert!(doc["hosts"][name].get("target").is_none(), "{doc}");
+        assert!(doc["hosts"][name].get("previous").is_none(), "{doc}");
+    }
+    outcomes(["committed", "committed", "up-to-date"]);
+    for (host, system) in hosts.iter().zip(&v1) {
+        host.assert_on(system);
+    }
+    assert!(hosts[2].switch_calls().is_empty());
+    step(&fleet, "promote").fails_with(2, "no_rollout");
+
+    // A rollout promoted to its end: the next release is free to go.
+    fleet.release(&["--rollout", "--config", &config]).ok();
+    step(&fleet, "promote").ok();
+    step(&fleet, "promote").ok();
+    step(&fleet, "promote").fails_with(2, "rollout_complete");
+    outcomes(["committed", "committed", "committed"]);
+    for (host, system) in hosts.iter().zip(&v2) {
+        host.assert_on(system);
+    }
+    fleet.release(&["--config", &config]).ok();
+    let doc = fleet.published_json();
+    assert!(doc.get("rollout").is_none(), "{doc}");
+    assert!(doc["hosts"]["a"].get("previous").is_none(), "{doc}");
+}

@@ -42,6 +42,8 @@ struct Cli {
 enum Command {
     Keygen(command::keygen::Args),
     Release(command::release::Args),
+    /// Release in waves and promote each once the collector shows the earlier ones healthy.
+    Rollout(command::rollout::Args),
     /// Move the next wave of the rollout in progress (a new serial, signed).
     Promote(command::release::Args),
     /// Hold the rollout in progress: no wave is promoted until resume.
@@ -125,6 +127,7 @@ fn main() -> ExitCode {
         | Command::Pause(args)
         | Command::Resume(args)
         | Command::Abort(args) => args.json(),
+        Command::Rollout(args) => args.json(),
         Command::Verify(args) => args.json(),
         Command::Status(args) => args.json(),
         Command::Refresh(args) => args.json(),
@@ -133,10 +136,19 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Keygen(args) => command::keygen::run(args),
         Command::Release(args) => command::release::run(args),
-        Command::Promote(args) => command::release::run_op(args, command::release::Op::Promote),
-        Command::Pause(args) => command::release::run_op(args, command::release::Op::Pause),
-        Command::Resume(args) => command::release::run_op(args, command::release::Op::Resume),
-        Command::Abort(args) => command::release::run_op(args, command::release::Op::Abort),
+        Command::Rollout(args) => command::rollout::run(args),
+        Command::Promote(args) => {
+            command::release::run_op(args, command::release::Op::Promote).map(drop)
+        }
+        Command::Pause(args) => {
+            command::release::run_op(args, command::release::Op::Pause).map(drop)
+        }
+        Command::Resume(args) => {
+            command::release::run_op(args, command::release::Op::Resume).map(drop)
+        }
+        Command::Abort(args) => {
+            command::release::run_op(args, command::release::Op::Abort).map(drop)
+        }
         Command::Sign(args) => command::sign::run(args),
         Command::Refresh(args) => command::refresh::run(args),
         Command::Verify(args) => command::verify::run(args),
@@ -167,5 +179,15 @@ fn main() -> ExitCode {
             }
             ExitCode::from(exit_code(&error))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks over every subcommand (they run only when parsing one).
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
     }
 }

@@ -107,3 +107,125 @@ fn a_rollout_moves_wave_by_wave_holds_when_paused_and_aborts_back() {
     assert!(doc.get("rollout").is_none(), "{doc}");
     assert!(doc["hosts"]["a"].get("previous").is_none(), "{doc}");
 }
+
+/// `fleet-sign rollout` on the fleet's two channels, gated on `collector`.
+fn rollout(fleet: &Fleet, config: &str, collector: &str, extra: &[&str]) -> Run {
+    let mut c = command("fleet-sign");
+    c.env("XDG_STATE_HOME", fleet.workstation_state())
+        .args([
+            "rollout",
+            "--fleet",
+            "home",
+            "--flake",
+            &fleet.fleet.flake_ref(),
+        ])
+        .args(["--config", config, "--collector", collector])
+        .args([
+            "--soak",
+            "1s",
+            "--interval",
+            "300ms",
+            "--wave-timeout",
+            "60s",
+        ])
+        .arg("--cache")
+        .arg(format!("file://{}", fleet.cache_dir.display()))
+        .arg("--cache-key")
+        .arg(&fleet.cache_key.secret)
+        .args(["--substituter", &fleet.cache_server.url()])
+        .args(["--channel", &fleet.git_channel(), "--channel"])
+        .arg(&fleet.channel_dir)
+        .arg("--key")
+        .arg(&fleet.release_key)
+        .args(extra);
+    run(c)
+}
+
+#[test]
+fn rollout_promotes_each_wave_once_the_collector_shows_it_healthy_and_stops_on_a_failed_canary() {
+    let names = ["a", "b", "c"];
+    let mut fleet = Fleet::new(&names);
+    let hosts: Vec<_> = names
+        .iter()
+        .map(|n| fleet.host(n, Channel::Directory))
+        .collect();
+    let mut toml = String::new();
+    for (wave, host) in hosts.iter().enumerate() {
+        let key = run(host.agent(&["identity"])).ok().stdout.trim().to_owned();
+        toml += &format!(
+            "[hosts.{}]\nwave = {wave}\nreport_key = \"{key}\"\n",
+            host.name
+        );
+    }
+    let config = fleet.dir.join("fleet.toml");
+    std::fs::write(&config, toml).unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    fleet.release(&["--config", &config]).ok();
+    // The test collector reads the channel every second.
+    let collector = fleet_tests::collector::Collector::start(
+        &fleet.dir.join("collector.db"),
+        &fleet.channel_dir.display().to_string(),
+        &fleet.release_public_key(),
+    );
+    let keys = [fleet.release_public_key()];
+    let directory = fleet.channel_url(Channel::Directory);
+    let _daemons: Vec<_> = hosts
+        .iter()
+        .map(|host| {
+            host.write_config(
+                &fleet.settings(&keys, 1, &directory),
+                "poll_interval = \"1s\"\n",
+                &format!("[report]\nurl = \"{}\"\ntimeout = \"2s\"\n", collector.url),
+            );
+            let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
+            fleet_tests::KillOnDrop(host.agent(&["run"]).stderr(log).spawn().unwrap())
+        })
+        .collect();
+    fleet_tests::wait_until("every host reporting healthy", 30, || {
+        names.iter().all(|n| collector.host(n)["health"] == "ok")
+    });
+
+    // Every wave healthy in turn: exit 0 once the last is healthy too.
+    for name in names {
+        fleet.fleet.set(name, |h| h.version = "2".into());
+    }
+    fleet.fleet.commit("v2");
+    let v2: Vec<String> = names.iter().map(|n| fleet.fleet.build(n)).collect();
+    let out = rollout(&fleet, &config, &collector.url, &["--wait-healthy"]);
+    out.ok();
+    for wave in 0..3 {
+        assert!(
+            out.stderr.contains(&format!("wave {wave} of 3: ")),
+            "{wave}: {out}"
+        );
+    }
+    assert!(out.stderr.contains("complete"), "{out}");
+    for (host, system) in hosts.iter().zip(&v2) {
+        host.assert_on(system);
+    }
+    // Three signed steps: the release and two promotions.
+    assert_eq!(fleet.published_json()["serial"], 4);
+    assert_eq!(fleet.published_json()["rollout"]["active"], 2);
+
+    // A canary that fails: the rollout stops and says who and why; later waves never move.
+    let switches: Vec<usize> = hosts.iter().map(|h| h.switch_calls().len()).collect();
+    for name in names {
+        fleet.fleet.set(name, |h| {
+            h.version = "3".into();
+            h.behaviour = if name == "a" { "fail" } else { "ok" }.into();
+        });
+    }
+    fleet.fleet.commit("v3, a broken");
+    let out = rollout(&fleet, &config, &collector.url, &[]);
+    assert_eq!(out.code, Some(2), "{out}");
+    for said in ["rollout_failed", "wave 0 of 3", "a (switch_failed"] {
+        assert!(out.stderr.contains(said), "{said:?} in {out}");
+    }
+    assert_eq!(fleet.published_json()["serial"], 5);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    for (i, host) in hosts.iter().enumerate().skip(1) {
+        assert_eq!(host.switch_calls().len(), switches[i], "{}", host.name);
+        host.assert_on(&v2[i]);
+    }
+    hosts[0].assert_on(&v2[0]);
+}

@@ -4,6 +4,7 @@ pub mod collect;
 pub mod keygen;
 pub mod refresh;
 pub mod release;
+pub mod rollout;
 pub mod sign;
 pub mod status;
 pub mod verify;
@@ -15,7 +16,7 @@ use std::path::PathBuf;
 
 /// The keys a signing command signs with, and the trust hosts apply: shared by `release` and
 /// `sign`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct SigningArgs {
     /// A secret release key to sign with; repeat for several (default: keys from the config).
     #[arg(long = "key")]

@@ -31,7 +31,7 @@ const MAX_VALIDITY: Duration = Duration::from_secs(366 * 24 * 3600);
 const DEFAULT_VALIDITY: &str = "30d";
 
 /// Build the chosen hosts, push their closures to the cache, sign and publish a release.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct Args {
     /// Hosts to build: comma-separated names and @groups (default: every host in the flake).
     /// Hosts not named keep their entry from the current release.
@@ -81,7 +81,7 @@ pub struct Args {
     /// go last): wave 0 moves with this release, the others keep their system (the new one
     /// waits in their entry) until `fleet-sign promote` moves the next wave.
     #[arg(long)]
-    rollout: bool,
+    pub rollout: bool,
     /// Release from a flake with uncommitted changes (the release then names no commit).
     #[arg(long)]
     allow_dirty: bool,
@@ -734,7 +734,7 @@ fn build_step(
 }
 
 pub fn run(args: Args) -> Result<()> {
-    run_op(args, Op::Release)
+    run_op(args, Op::Release).map(drop)
 }
 
 /// `release --rollout`: the hosts whose system changes in a wave after 0 keep their old
@@ -856,7 +856,8 @@ pub enum Op {
     Abort,
 }
 
-pub fn run_op(args: Args, op: Op) -> Result<()> {
+/// Publishes a release or a rollout step; returns its serial.
+pub fn run_op(args: Args, op: Op) -> Result<u64> {
     let config = Loaded::load(args.config.as_deref())?;
     let settings = settings(&args, config)?;
     let started = now();
@@ -1041,13 +1042,18 @@ pub fn run_op(args: Args, op: Op) -> Result<()> {
             println!("{host:<20} {path:<72} {:>10}", human_size(*size));
         }
     }
-    Ok(())
+    Ok(serial)
 }
 
 impl Args {
     /// Whether the output (errors included) is JSON.
     pub fn json(&self) -> bool {
         self.json
+    }
+
+    /// The config file given, if any.
+    pub fn config(&self) -> Option<PathBuf> {
+        self.config.clone()
     }
 }
 

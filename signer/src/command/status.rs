@@ -36,22 +36,10 @@ pub fn run(args: Args) -> Result<()> {
         .ok_or_else(|| {
             crate::usage("no collector: give --collector or set [collector] url in fleet.toml")
         })?;
-    let endpoint = format!("{}/v1/fleet", url.trim_end_matches('/'));
-    let client = reqwest::blocking::Client::builder()
-        .use_preconfigured_tls(crate::config::tls()?)
-        .timeout(Duration::from_secs(30))
-        .user_agent(concat!("fleet-sign/", env!("CARGO_PKG_VERSION")))
-        .build()?;
+    let reader = ViewReader::new(&url)?;
     let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     loop {
-        let response = client
-            .get(&endpoint)
-            .send()
-            .and_then(|r| r.error_for_status())
-            .with_context(|| format!("cannot read the fleet from {endpoint}"))?;
-        let text = response.text()?;
-        let view: FleetView = serde_json::from_str(&text)
-            .with_context(|| format!("{endpoint} did not answer with a fleet view"))?;
+        let (view, text) = reader.read()?;
         let json = || -> Result<String> {
             // The collector's view, with the waves as this command counts them.
             let mut value: serde_json::Value = serde_json::from_str(&text)?;
@@ -76,6 +64,40 @@ pub fn run(args: Args) -> Result<()> {
             print!("{}", table(&view, args.stale, color));
         }
         std::thread::sleep(interval);
+    }
+}
+
+/// Reads the fleet view from a collector (`status`, `rollout`).
+pub struct ViewReader {
+    endpoint: String,
+    client: reqwest::blocking::Client,
+}
+
+impl ViewReader {
+    pub fn new(url: &str) -> Result<Self> {
+        Ok(Self {
+            endpoint: format!("{}/v1/fleet", url.trim_end_matches('/')),
+            client: reqwest::blocking::Client::builder()
+                .use_preconfigured_tls(crate::config::tls()?)
+                .timeout(Duration::from_secs(30))
+                .user_agent(concat!("fleet-sign/", env!("CARGO_PKG_VERSION")))
+                .build()?,
+        })
+    }
+
+    /// The view, and the collector's answer as it came.
+    pub fn read(&self) -> Result<(FleetView, String)> {
+        let endpoint = &self.endpoint;
+        let text = self
+            .client
+            .get(endpoint)
+            .send()
+            .and_then(|r| r.error_for_status())
+            .and_then(|r| r.text())
+            .with_context(|| format!("cannot read the fleet from {endpoint}"))?;
+        let view = serde_json::from_str(&text)
+            .with_context(|| format!("{endpoint} did not answer with a fleet view"))?;
+        Ok((view, text))
     }
 }
 

@@ -42,61 +42,112 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// N agent daemons behind a NAT router, each in its own namespace with its own chroot store,
+/// following the HTTP channel and reporting to a collector; every host's report key (and
+/// `wave(i)`, when given) in fleet.toml. Polls every `poll` seconds with as much splay.
+pub struct NatFleet {
+    pub fleet: Fleet,
+    pub names: Vec<String>,
+    pub hosts: Vec<fleet_tests::host::SimHost>,
+    pub collector: Collector,
+    /// fleet.toml
+    pub config: String,
+    pub agents: Vec<KillOnDrop>,
+    // Last: the namespaces go after the agents in them.
+    pub net: NatNetwork,
+}
+
+impl NatFleet {
+    pub fn start(n: usize, poll: u64, wave: impl Fn(usize) -> Option<u32>) -> Self {
+        let net = NatNetwork::new(n);
+        let names: Vec<String> = (0..n).map(|i| format!("h{i:03}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut fleet = Fleet::new_on(&refs, &net.server_ip());
+        let started = Instant::now();
+        let hosts: Vec<_> = names
+            .iter()
+            .map(|name| fleet.host(name, Channel::Http))
+            .collect();
+        let keys = [fleet.release_public_key()];
+        let url = fleet.channel_url(Channel::Http);
+        let collector = Collector::start_on(
+            &format!("{}:0", net.server_ip()),
+            &fleet.dir.join("collector.db"),
+            &fleet.channel_dir.display().to_string(),
+            &fleet.release_public_key(),
+        );
+        // Every host's report key goes into the release (fleet.toml), as an operator's would.
+        let mut toml = String::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let key = run(host.agent(&["identity"])).ok().stdout.trim().to_owned();
+            toml += &format!("[hosts.{}]\nreport_key = \"{key}\"\n", host.name);
+            if let Some(wave) = wave(i) {
+                toml += &format!("wave = {wave}\n");
+            }
+            host.write_config(
+                &fleet.settings(&keys, 1, &url),
+                // A splay as long as the interval, as a real fleet would have: no lockstep.
+                &format!("poll_interval = \"{poll}s\"\npoll_splay = \"{poll}s\""),
+                &format!("[report]\nurl = \"{}\"\n", collector.url),
+            );
+        }
+        let config = fleet.dir.join("fleet.toml");
+        std::fs::write(&config, toml).unwrap();
+        let config = config.display().to_string();
+        eprintln!(
+            "{n} hosts set up in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+        let agents: Vec<KillOnDrop> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
+                KillOnDrop(
+                    host.agent_in_netns(&net.host(i), &["run"])
+                        .stderr(log)
+                        .spawn()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        Self {
+            fleet,
+            names,
+            hosts,
+            collector,
+            config,
+            agents,
+            net,
+        }
+    }
+}
+
 #[test]
 #[ignore = "a benchmark: bench/fleet runs it"]
 fn fleet_benchmark() {
     let n = setting("FLEET_BENCH_HOSTS", 50) as usize;
     let releases = setting("FLEET_BENCH_RELEASES", 3);
     let poll = setting("FLEET_BENCH_POLL", 10);
-    let net = NatNetwork::new(n);
-    let names: Vec<String> = (0..n).map(|i| format!("h{i:03}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut fleet = Fleet::new_on(&refs, &net.server_ip());
-    let started = Instant::now();
-    let hosts: Vec<_> = names
-        .iter()
-        .map(|name| fleet.host(name, Channel::Http))
-        .collect();
-    let keys = [fleet.release_public_key()];
-    let url = fleet.channel_url(Channel::Http);
-    let collector = Collector::start_on(
-        &format!("{}:0", net.server_ip()),
-        &fleet.dir.join("collector.db"),
-        &fleet.channel_dir.display().to_string(),
-        &fleet.release_public_key(),
-    );
-    // Every host's report key goes into the release (fleet.toml), as an operator's would.
-    let mut toml = String::new();
-    for host in &hosts {
-        let key = run(host.agent(&["identity"])).ok().stdout.trim().to_owned();
-        toml += &format!("[hosts.{}]\nreport_key = \"{key}\"\n", host.name);
-        host.write_config(
-            &fleet.settings(&keys, 1, &url),
-            // A splay as long as the interval, as a real fleet would have: no lockstep.
-            &format!("poll_interval = \"{poll}s\"\npoll_splay = \"{poll}s\""),
-            &format!("[report]\nurl = \"{}\"\n", collector.url),
-        );
-    }
-    let config = fleet.dir.join("fleet.toml");
-    std::fs::write(&config, toml).unwrap();
-    let config = config.display().to_string();
-    eprintln!(
-        "{n} hosts set up in {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-    let agents: Vec<KillOnDrop> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, host)| {
-            let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
-            KillOnDrop(
-                host.agent_in_netns(&net.host(i), &["run"])
-                    .stderr(log)
-                    .spawn()
-                    .unwrap(),
-            )
+    // The namespaces first, so they are dropped last, after the agents in them.
+    let NatFleet {
+        net: _net,
+        mut fleet,
+        names,
+        hosts,
+        collector,
+        config,
+        agents,
+    } = NatFleet::start(n, poll, |i| {
+        // For the rollout at the end: 10 % canaries, then 30 %, then the rest.
+        Some(if i * 10 < n {
+            0
+        } else if i * 10 < n * 4 {
+            1
+        } else {
+            2
         })
-        .collect();
+    });
     // Let every agent make its first poll (an empty channel) and settle.
     std::thread::sleep(Duration::from_secs(poll + 2));
     let idle: Vec<(u64, f64)> = agents.iter().map(|a| usage(a.0.id())).collect();
@@ -185,6 +236,43 @@ fn fleet_benchmark() {
             "collector_rss_kib": collector.pid().map(|pid| self::usage(pid).0),
         }));
     }
+    // A rollout in three waves, each promoted once the collector shows the waves out healthy
+    // for a soak as long as the poll interval: from `fleet-sign rollout` to every wave healthy.
+    for name in &names {
+        fleet
+            .fleet
+            .set(name, |h| h.version = "bench-rollout".into());
+    }
+    fleet.fleet.commit("rollout");
+    let soak = format!("{poll}s");
+    let started = Instant::now();
+    let out = crate::rollout::rollout(
+        &fleet,
+        &config,
+        &collector.url,
+        &[
+            "--wait-healthy",
+            "--soak",
+            &soak,
+            "--interval",
+            "1s",
+            "--format",
+            "2",
+        ],
+    );
+    out.ok();
+    let rollout_s = started.elapsed().as_secs_f64();
+    let waves: Vec<String> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("wave "))
+        .map(str::to_owned)
+        .collect();
+    eprintln!(
+        "rollout in 3 waves, soak {poll} s: every wave healthy {rollout_s:.1} s after fleet-sign \
+         rollout started ({})",
+        waves.join("; ")
+    );
     let idle_rss: Vec<u64> = idle.iter().map(|u| u.0).collect();
     eprintln!(
         "\n{n} agents, poll interval {poll} s, idle RSS {}..{} KiB",
@@ -226,6 +314,8 @@ fn fleet_benchmark() {
             "poll_interval_s": poll,
             "idle_rss_kib_max": idle_rss.iter().max(),
             "releases": rows,
+            "rollout_three_waves_s": rollout_s,
+            "rollout_soak_s": poll,
         }))
         .unwrap()
     );

@@ -108,8 +108,9 @@ fn a_rollout_moves_wave_by_wave_holds_when_paused_and_aborts_back() {
     assert!(doc["hosts"]["a"].get("previous").is_none(), "{doc}");
 }
 
-/// `fleet-sign rollout` on the fleet's two channels, gated on `collector`.
-fn rollout(fleet: &Fleet, config: &str, collector: &str, extra: &[&str]) -> Run {
+/// `fleet-sign rollout` on the fleet's two channels, gated on `collector` (soak 1 s unless
+/// `extra` says otherwise).
+pub fn rollout(fleet: &Fleet, config: &str, collector: &str, extra: &[&str]) -> Run {
     let mut c = command("fleet-sign");
     c.env("XDG_STATE_HOME", fleet.workstation_state())
         .args([
@@ -120,14 +121,16 @@ fn rollout(fleet: &Fleet, config: &str, collector: &str, extra: &[&str]) -> Run 
             &fleet.fleet.flake_ref(),
         ])
         .args(["--config", config, "--collector", collector])
-        .args([
-            "--soak",
-            "1s",
-            "--interval",
-            "300ms",
-            "--wave-timeout",
-            "60s",
-        ])
+        .args(
+            [
+                ("--soak", "1s"),
+                ("--interval", "300ms"),
+                ("--wave-timeout", "60s"),
+            ]
+            .into_iter()
+            .filter(|(flag, _)| !extra.contains(flag))
+            .flat_map(|(flag, value)| [flag, value]),
+        )
         .arg("--cache")
         .arg(format!("file://{}", fleet.cache_dir.display()))
         .arg("--cache-key")
@@ -228,4 +231,79 @@ fn rollout_promotes_each_wave_once_the_collector_shows_it_healthy_and_stops_on_a
         host.assert_on(&v2[i]);
     }
     hosts[0].assert_on(&v2[0]);
+}
+
+#[test]
+fn twelve_agents_behind_nat_roll_out_in_three_waves_and_a_failed_canary_is_aborted() {
+    // Two canaries, then four, then six; each agent polls every 2 s with up to 2 s of splay.
+    let wave = |i: usize| {
+        Some(if i < 2 {
+            0
+        } else if i < 6 {
+            1
+        } else {
+            2
+        })
+    };
+    let mut nat = crate::fleet_bench::NatFleet::start(12, 2, wave);
+    let (fleet, collector, config) = (&mut nat.fleet, &nat.collector, nat.config.clone());
+    fleet.release(&["--config", &config]).ok();
+    let all_healthy = |serial: u64| {
+        let view = collector.fleet();
+        view["hosts"].as_array().is_some_and(|hosts| {
+            hosts.iter().filter(|h| h["listed"] == true).count() == 12
+                && hosts.iter().all(|h| {
+                    h["health"] == "ok" && h["report"]["accepted"].as_u64() >= Some(serial)
+                })
+        })
+    };
+    fleet_tests::wait_until("every agent healthy on release 1", 90, || all_healthy(1));
+
+    let set_all = |fleet: &mut Fleet, version: &str, failing: Option<&str>| {
+        for name in &nat.names {
+            fleet.fleet.set(name, |h| {
+                h.version = version.into();
+                h.behaviour = if Some(name.as_str()) == failing {
+                    "fail"
+                } else {
+                    "ok"
+                }
+                .into();
+            });
+        }
+        fleet.fleet.commit(version);
+        nat.names
+            .iter()
+            .map(|n| fleet.fleet.build(n))
+            .collect::<Vec<_>>()
+    };
+    let v2 = set_all(fleet, "2", None);
+    let out = rollout(fleet, &config, &collector.url, &["--wait-healthy"]);
+    out.ok();
+    for (host, system) in nat.hosts.iter().zip(&v2) {
+        host.assert_on(system);
+    }
+
+    // The first canary fails release 3: the rollout stops at wave 0, names it and why.
+    let switches: Vec<usize> = nat.hosts.iter().map(|h| h.switch_calls().len()).collect();
+    let v3 = set_all(fleet, "3", Some("h000"));
+    let out = rollout(fleet, &config, &collector.url, &["--wait-healthy"]);
+    assert_eq!(out.code, Some(2), "{out}");
+    for said in ["rollout_failed", "wave 0 of 3", "h000 (switch_failed"] {
+        assert!(out.stderr.contains(said), "{said:?} in {out}");
+    }
+    nat.hosts[0].assert_on(&v2[0]);
+    fleet_tests::wait_until("the other canary on release 3", 30, || {
+        nat.hosts[1].state()["last_good"] == v3[1].as_str()
+    });
+    // Abort: the canary that moved goes back to its previous system; waves 1 and 2 never
+    // switched at all.
+    step(fleet, "abort").ok();
+    fleet_tests::wait_until("the canary back on release 2's system", 30, || {
+        nat.hosts[1].state()["last_good"] == v2[1].as_str()
+    });
+    for (i, host) in nat.hosts.iter().enumerate().skip(2) {
+        assert_eq!(host.switch_calls().len(), switches[i], "{}", host.name);
+        host.assert_on(&v2[i]);
+    }
 }

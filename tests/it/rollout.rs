@@ -307,3 +307,33 @@ fn twelve_agents_behind_nat_roll_out_in_three_waves_and_a_failed_canary_is_abort
         host.assert_on(&v2[i]);
     }
 }
+
+#[test]
+fn waves_by_share_are_written_into_the_release_and_stay_with_their_hosts() {
+    let names = ["a", "b", "c", "d", "e", "f"];
+    let fleet = Fleet::new(&names);
+    let config = fleet.dir.join("fleet.toml");
+    std::fs::write(&config, "[hosts.a]\nwave = 0\n").unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    fleet
+        .release(&["--config", &config, "--waves", "60,40"])
+        .fails_with(2, "together below 100");
+    fleet
+        .release(&["--config", &config, "--waves", "20,30"])
+        .ok();
+    let waves = |fleet: &Fleet| -> Vec<u64> {
+        let doc = fleet.published_json();
+        names
+            .iter()
+            .map(|n| doc["hosts"][n]["wave"].as_u64().unwrap())
+            .collect()
+    };
+    let first = waves(&fleet);
+    assert_eq!(first[0], 0, "fleet.toml's wave stands: {first:?}");
+    assert!(first.iter().all(|w| *w <= 2), "{first:?}");
+    // The next release puts every host in the same wave again.
+    fleet
+        .release(&["--config", &config, "--waves", "20,30"])
+        .ok();
+    assert_eq!(waves(&fleet), first);
+}

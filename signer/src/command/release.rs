@@ -82,6 +82,11 @@ pub struct Args {
     /// waits in their entry) until `fleet-sign promote` moves the next wave.
     #[arg(long)]
     pub rollout: bool,
+    /// Put the hosts without a `wave` in fleet.toml into waves by share, with a stable hash of
+    /// fleet and host name: `--waves 5,25` puts about 5 % in wave 0, 25 % in wave 1 and the
+    /// rest in wave 2 (the same hosts every time).
+    #[arg(long, value_delimiter = ',')]
+    waves: Vec<u32>,
     /// Release from a flake with uncommitted changes (the release then names no commit).
     #[arg(long)]
     allow_dirty: bool,
@@ -697,6 +702,14 @@ fn build_step(
             entry.wave = config.wave.or(entry.wave);
         }
     }
+    if !args.waves.is_empty() {
+        let shares = wave_shares(&args.waves)?;
+        for (name, entry) in hosts.iter_mut() {
+            if settings.hosts.get(name).and_then(|c| c.wave).is_none() {
+                entry.wave = Some(hashed_wave(&settings.fleet, name, &shares));
+            }
+        }
+    }
     if hosts.len() < host_list.len() {
         let missing: Vec<&str> = host_list
             .iter()
@@ -735,6 +748,46 @@ fn build_step(
 
 pub fn run(args: Args) -> Result<()> {
     run_op(args, Op::Release).map(drop)
+}
+
+/// `--waves`: the cumulative shares in basis points of the waves before the last; refuses
+/// shares that are zero or add up to 100 % or more (the last wave would be empty).
+fn wave_shares(percents: &[u32]) -> Result<Vec<u32>> {
+    let mut total = 0;
+    let mut cumulative = Vec::new();
+    for percent in percents {
+        total += percent;
+        if *percent == 0 || total >= 100 {
+            return Err(crate::usage(format!(
+                "--waves {}: each share must be above 0 and together below 100 (the rest is \
+                 the last wave)",
+                percents
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )));
+        }
+        cumulative.push(total * 100);
+    }
+    Ok(cumulative)
+}
+
+/// A host's wave by share: a stable hash of fleet and host name, in basis points, against the
+/// cumulative shares (`wave_shares`).
+fn hashed_wave(fleet: &str, host: &str, cumulative: &[u32]) -> u32 {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"fleet-wave\0")
+        .chain_update(fleet.as_bytes())
+        .chain_update(b"\0")
+        .chain_update(host.as_bytes())
+        .finalize();
+    let point = (u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) % 10_000) as u32;
+    cumulative
+        .iter()
+        .position(|limit| point < *limit)
+        .unwrap_or(cumulative.len()) as u32
 }
 
 /// `release --rollout`: the hosts whose system changes in a wave after 0 keep their old
@@ -1060,6 +1113,33 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waves_by_share_are_stable_and_near_their_shares() {
+        assert!(wave_shares(&[0, 10]).is_err());
+        assert!(wave_shares(&[60, 40]).is_err());
+        let shares = wave_shares(&[10, 30]).unwrap();
+        assert_eq!(shares, [1000, 4000]);
+        let mut counts = [0i32; 3];
+        for i in 0..10_000 {
+            let host = format!("host{i}");
+            let wave = hashed_wave("home", &host, &shares);
+            assert_eq!(wave, hashed_wave("home", &host, &shares), "stable");
+            counts[wave as usize] += 1;
+        }
+        // 1,000 / 3,000 / 6,000 expected; a hash is within a few percent of that.
+        for (count, expected) in counts.iter().zip([1000, 3000, 6000]) {
+            assert!((count - expected).abs() < 250, "{counts:?}");
+        }
+        // Another fleet puts the same names elsewhere: canaries are not always the same boards.
+        let moved = (0..1000)
+            .filter(|i| {
+                let host = format!("host{i}");
+                hashed_wave("home", &host, &shares) != hashed_wave("lab", &host, &shares)
+            })
+            .count();
+        assert!(moved > 300, "{moved}");
+    }
 
     #[test]
     fn a_rollout_needs_waves_and_holds_back_later_waves() {

@@ -101,10 +101,22 @@ impl Fleet {
 
     /// `fleet-sign release` signed by `keys`, publishing to `channels`.
     pub fn release_with(&self, keys: &[&Path], channels: &[String], extra: &[&str]) -> Run {
+        run(self.release_command("release", keys, channels, extra))
+    }
+
+    /// A `fleet-sign` command that builds and publishes (`release`, `rollout`): this fleet's
+    /// flake, cache and workstation record, signed by `keys`, publishing to `channels`.
+    pub fn release_command(
+        &self,
+        subcommand: &str,
+        keys: &[&Path],
+        channels: &[String],
+        extra: &[&str],
+    ) -> Command {
         let mut c = command("fleet-sign");
         // The workstation's record of issued serials, this fleet's own.
         c.env("XDG_STATE_HOME", self.workstation_state());
-        c.arg("release")
+        c.arg(subcommand)
             .args(["--fleet", "home", "--flake", &self.fleet.flake_ref()])
             .arg("--cache")
             .arg(format!("file://{}", self.cache_dir.display()))
@@ -118,7 +130,7 @@ impl Fleet {
             c.arg("--key").arg(key);
         }
         c.args(extra);
-        run(c)
+        c
     }
 
     /// Where `fleet-sign release` keeps its record of the serials it issued (XDG_STATE_HOME).

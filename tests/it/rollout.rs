@@ -111,37 +111,21 @@ fn a_rollout_moves_wave_by_wave_holds_when_paused_and_aborts_back() {
 /// `fleet-sign rollout` on the fleet's two channels, gated on `collector` (soak 1 s unless
 /// `extra` says otherwise).
 pub fn rollout(fleet: &Fleet, config: &str, collector: &str, extra: &[&str]) -> Run {
-    let mut c = command("fleet-sign");
-    c.env("XDG_STATE_HOME", fleet.workstation_state())
-        .args([
-            "rollout",
-            "--fleet",
-            "home",
-            "--flake",
-            &fleet.fleet.flake_ref(),
-        ])
-        .args(["--config", config, "--collector", collector])
-        .args(
-            [
-                ("--soak", "1s"),
-                ("--interval", "300ms"),
-                ("--wave-timeout", "60s"),
-            ]
-            .into_iter()
-            .filter(|(flag, _)| !extra.contains(flag))
-            .flat_map(|(flag, value)| [flag, value]),
-        )
-        .arg("--cache")
-        .arg(format!("file://{}", fleet.cache_dir.display()))
-        .arg("--cache-key")
-        .arg(&fleet.cache_key.secret)
-        .args(["--substituter", &fleet.cache_server.url()])
-        .args(["--channel", &fleet.git_channel(), "--channel"])
-        .arg(&fleet.channel_dir)
-        .arg("--key")
-        .arg(&fleet.release_key)
-        .args(extra);
-    run(c)
+    let defaults = [
+        ("--soak", "1s"),
+        ("--interval", "300ms"),
+        ("--wave-timeout", "60s"),
+    ]
+    .into_iter()
+    .filter(|(flag, _)| !extra.contains(flag))
+    .flat_map(|(flag, value)| [flag, value]);
+    let args: Vec<&str> = ["--config", config, "--collector", collector]
+        .into_iter()
+        .chain(defaults)
+        .chain(extra.iter().copied())
+        .collect();
+    let channels = [fleet.git_channel(), fleet.channel_dir.display().to_string()];
+    run(fleet.release_command("rollout", &[&fleet.release_key], &channels, &args))
 }
 
 #[test]

@@ -398,17 +398,23 @@ fn printing_commands_end_quietly_when_their_reader_goes() {
     let channel = op.channel_dir.display().to_string();
     let key = op.release_public_key();
     // The reader is gone before the command writes a byte: `fleet-sign verify … | head` where
-    // head has already exited.
+    // head has already exited. Its end is closed before the command starts (closing it after
+    // the spawn raced the command's first write, which a pipe's buffer then took whole).
+    let (stdout, reader) = std::os::unix::net::UnixStream::pair().unwrap();
+    drop(reader);
     let mut c = command("fleet-sign");
     c.args(["verify", "--from", &channel, "--key", &key])
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::os::fd::OwnedFd::from(stdout))
         .stderr(std::process::Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = c.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(out.status.signal(), Some(13), "ended by SIGPIPE: {stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(13),
+        "ended by SIGPIPE ({}): {stderr}",
+        out.status
+    );
 }
 
 #[test]

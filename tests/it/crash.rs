@@ -167,3 +167,31 @@ fn corrupt_state_means_safe_mode_until_reset() {
     assert_eq!(code, Some(0), "{outcome}");
     assert_eq!(outcome["outcome"], "committed");
 }
+
+#[test]
+fn a_deploy_of_a_newer_release_does_not_carry_the_last_ones_error() {
+    // Release 1 fails on the host; release 2 is good. While release 2 deploys (here: the agent
+    // stops right after realising it), the host's state and reports must not say it fails:
+    // a rollout reading the collector would stop on an error that is not about release 2.
+    let (mut fleet, v1, v2) = fleet_with_release("fail");
+    let host = fleet.host("a", Channel::Directory);
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(code, Some(4), "{outcome}");
+    host.assert_on(&v1);
+    assert_eq!(host.state()["last_error"]["code"], "switch_failed");
+    assert_eq!(host.state()["last_error"]["serial"], 1);
+
+    fleet.fleet.set("a", |h| h.version = "3".into());
+    fleet.fleet.commit("a: v3");
+    fleet.release(&[]).ok();
+    let v3 = fleet.published().1.hosts["a"].toplevel.to_string();
+    assert!(once_killed_at(&host, "after-realise"));
+    let state = host.state();
+    assert_eq!(state["phase"]["phase"], "realising", "{state}");
+    assert_eq!(state["phase"]["serial"], 2, "{state}");
+    assert!(state["last_error"].is_null(), "{state}");
+    let (code, outcome) = host.once_outcome();
+    assert_eq!(code, Some(0), "{outcome}");
+    host.assert_on(&v3);
+    assert_ne!(v2, v3);
+}

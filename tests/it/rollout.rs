@@ -129,7 +129,7 @@ pub fn rollout(fleet: &Fleet, config: &str, collector: &str, extra: &[&str]) -> 
 }
 
 #[test]
-fn rollout_promotes_each_wave_once_the_collector_shows_it_healthy_and_stops_on_a_failed_canary() {
+fn rollout_promotes_each_wave_once_healthy_and_stops_on_a_failed_canary_or_a_silent_host() {
     let names = ["a", "b", "c"];
     let mut fleet = Fleet::new(&names);
     let hosts: Vec<_> = names
@@ -156,13 +156,17 @@ fn rollout_promotes_each_wave_once_the_collector_shows_it_healthy_and_stops_on_a
     );
     let keys = [fleet.release_public_key()];
     let directory = fleet.channel_url(Channel::Directory);
-    let _daemons: Vec<_> = hosts
+    // A heartbeat every 2 s: a host that stops is silent at the collector within seconds.
+    let mut daemons: Vec<_> = hosts
         .iter()
         .map(|host| {
             host.write_config(
                 &fleet.settings(&keys, 1, &directory),
                 "poll_interval = \"1s\"\n",
-                &format!("[report]\nurl = \"{}\"\ntimeout = \"2s\"\n", collector.url),
+                &format!(
+                    "[report]\nurl = \"{}\"\ntimeout = \"2s\"\nheartbeat = \"2s\"\n",
+                    collector.url
+                ),
             );
             let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
             fleet_tests::KillOnDrop(host.agent(&["run"]).stderr(log).spawn().unwrap())
@@ -215,6 +219,37 @@ fn rollout_promotes_each_wave_once_the_collector_shows_it_healthy_and_stops_on_a
         host.assert_on(&v2[i]);
     }
     hosts[0].assert_on(&v2[0]);
+
+    // Abort, then a host of the last wave goes quiet (its agent stops): the next rollout moves
+    // the first two waves and stops at the last, naming the silent host.
+    step(&fleet, "abort").ok();
+    drop(daemons.remove(2));
+    for name in names {
+        fleet.fleet.set(name, |h| {
+            h.version = "4".into();
+            h.behaviour = "ok".into();
+        });
+    }
+    fleet.fleet.commit("v4");
+    let v4: Vec<String> = names.iter().map(|n| fleet.fleet.build(n)).collect();
+    let out = rollout(
+        &fleet,
+        &config,
+        &collector.url,
+        &["--wait-healthy", "--silent-after", "6s"],
+    );
+    assert_eq!(out.code, Some(2), "{out}");
+    for said in [
+        "rollout_failed",
+        "wave 2 of 3",
+        "1 of 3 host(s) out failed or went silent",
+        "c (went silent: no report for",
+    ] {
+        assert!(out.stderr.contains(said), "{said:?} in {out}");
+    }
+    hosts[0].assert_on(&v4[0]);
+    hosts[1].assert_on(&v4[1]);
+    hosts[2].assert_on(&v2[2]);
 }
 
 #[test]

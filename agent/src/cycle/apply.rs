@@ -38,6 +38,18 @@ impl Agent {
             return self.fail(e.code(), message, Some(serial));
         }
         self.count_attempt(serial, toplevel);
+        // A deploy of a newer release supersedes the error of an older one (what stood was
+        // about that release, or that the channel could not be read): reports during this
+        // deploy must not say the host fails it. A retry of the same release keeps its error,
+        // and a boot drift stands until a boot runs the committed system.
+        if self
+            .state
+            .last_error
+            .as_ref()
+            .is_some_and(|e| e.code != "boot_drift" && e.serial.is_none_or(|s| s < serial))
+        {
+            self.state.last_error = None;
+        }
         let phase = Phase::Realising {
             serial,
             toplevel: toplevel.to_owned(),

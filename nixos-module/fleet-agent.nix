@@ -44,6 +44,16 @@ in
       '';
     };
 
+    tags = lib.mkOption {
+      type = lib.types.listOf (lib.types.strMatching "[A-Za-z0-9._-]+");
+      default = [ ];
+      example = [ "canary" "pi" ];
+      description = ''
+        Labels for `fleet-sign`, which reads them from the flake: `--on tag:NAME` and
+        `[rollout] waves` in fleet.toml select the hosts tagged NAME. The agent does not use them.
+      '';
+    };
+
     settings = lib.mkOption {
       description = ''
         The agent's configuration (docs/fleet-agent.md has every key), rendered to TOML and checked

@@ -174,6 +174,8 @@ in
     if cfg.services.fleet-agent.enable
     then lib.filterAttrsRecursive (_: value: value != null) cfg.services.fleet-agent.settings
     else null;
+  # What fleet-sign reads for `tag:NAME` (config.services.fleet-agent.tags of each host).
+  tags = cfg.services.fleet-agent.tags;
   etc = lib.mapAttrs (_: file: file.source) cfg.environment.etc;
   systemPackages = map (p: p.name) cfg.environment.systemPackages;
   firewall = cfg.networking.firewall.allowedTCPPorts;

@@ -18,6 +18,10 @@
 //! [groups]
 //! routers = ["router1", "router2"]
 //!
+//! [rollout]                                 # see docs/fleet-sign.md, "Rollouts in waves"
+//! waves = [["tag:canary"], ["@routers"]]      # wave 0, wave 1: host names, @groups, tag:NAME
+//! shares = [5, 25]                            # the hosts in none: 5 %, 25 %, the rest
+//!
 //! [collector]
 //! url = "http://collector.example.org:9400"   # for fleet-sign status
 //! listen = "0.0.0.0:9400"                     # for fleet-sign collect
@@ -79,6 +83,9 @@ pub struct RawConfig {
     /// Per-host settings.
     #[serde(default)]
     pub hosts: BTreeMap<String, RawHost>,
+    /// How `--rollout` puts hosts into waves.
+    #[serde(default)]
+    pub rollout: RawRollout,
     /// The collector: where `fleet-sign status` reads and how `fleet-sign collect` runs.
     pub collector: Option<RawCollector>,
     /// PEM certificates to trust for HTTPS besides the system's trust store (https channels
@@ -102,6 +109,20 @@ pub struct RawFreshness {
     pub key: Option<PathBuf>,
     /// How long a statement stays valid, e.g. "7d"; at most 31 days. Default 7 days.
     pub expires: Option<String>,
+}
+
+/// `[rollout]`: waves for hosts without a `wave` of their own.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    /// Wave 0, 1, …: each a list of host names, `@groups` and `tag:NAME` (hosts whose
+    /// `services.fleet-agent.tags` in the flake has NAME); a host in several is in the first.
+    #[serde(default)]
+    pub waves: Vec<Vec<String>>,
+    /// Shares in percent that split the hosts in none of `waves` into the waves after them, by
+    /// a stable hash (what `--waves` gives on the command line).
+    #[serde(default)]
+    pub shares: Vec<u32>,
 }
 
 /// `[collector]`.
@@ -316,4 +337,27 @@ pub fn tls() -> Result<rustls::ClientConfig> {
 pub fn ca_file() -> Option<PathBuf> {
     let configured = CA_FILE.lock().unwrap_or_else(|e| e.into_inner()).clone();
     configured.or_else(|| std::env::var_os("FLEET_CA_FILE").map(PathBuf::from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every TOML example of fleet.toml in the docs parses (unknown keys are errors).
+    #[test]
+    fn the_documented_fleet_toml_parses() {
+        let docs = include_str!("../../docs/fleet-sign.md");
+        let mut examples = 0;
+        for block in docs.split("```toml\n").skip(1) {
+            let text = block.split("```").next().unwrap();
+            let raw: RawConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            examples += 1;
+            if let Some(fleet) = raw.fleet {
+                assert_eq!(fleet, "home");
+                assert_eq!(raw.rollout.shares, [5, 25]);
+                assert_eq!(raw.rollout.waves[1], ["@routers"]);
+            }
+        }
+        assert!(examples >= 2, "{examples}");
+    }
 }

@@ -72,6 +72,21 @@ pub fn list_hosts(flake: &str) -> Result<Vec<String>> {
         .with_context(|| format!("could not list nixosConfigurations of flake '{flake}'"))
 }
 
+/// Each host's `services.fleet-agent.tags` (none for a host without the option). Evaluates that
+/// option of every host, so it is asked only when a `tag:` selector is used.
+pub fn host_tags(flake: &str) -> Result<BTreeMap<String, Vec<String>>> {
+    let mut command = nix();
+    command.args([
+        "eval",
+        "--json",
+        &format!("{flake}#nixosConfigurations"),
+        "--apply",
+        "builtins.mapAttrs (name: host: host.config.services.fleet-agent.tags or [ ])",
+    ]);
+    json(command, "nix eval of the hosts' services.fleet-agent.tags")
+        .with_context(|| format!("could not read the hosts' tags in flake '{flake}'"))
+}
+
 /// The installable of one host's system.
 pub fn toplevel_attr(flake: &str, host: &str) -> String {
     format!("{flake}#nixosConfigurations.\"{host}\".config.system.build.toplevel")

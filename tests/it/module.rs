@@ -746,3 +746,32 @@ fn a_cache_channel_in_a_bucket_gets_its_credentials_from_an_environment_file() {
         .get("EnvironmentFile")
         .is_none());
 }
+
+#[test]
+fn tags_for_fleet_sign_are_an_option_of_the_agent_module() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    // fleet-sign's `tag:NAME` reads config.services.fleet-agent.tags of each host.
+    let out = eval(&lib, &agent(""));
+    assert_eq!(out["tags"], serde_json::json!([]));
+    let tagged = agent("").replacen(
+        "enable = true;",
+        r#"enable = true; tags = [ "canary" "pi" ];"#,
+        1,
+    );
+    let out = eval(&lib, &tagged);
+    assert_eq!(out["tags"], serde_json::json!(["canary", "pi"]));
+    assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+    // A tag fleet.toml could not name is a type error at evaluation.
+    let bad = agent("").replacen("enable = true;", r#"enable = true; tags = [ "a b" ];"#, 1);
+    let harness = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixos-module/tests/eval.nix");
+    let mut c = nix();
+    c.args(["eval", "--json", "--impure", "--expr"])
+        .arg(format!(
+            "(import {} {{ lib = import {}; config = {bad}; }}).tags",
+            harness.display(),
+            lib.display()
+        ));
+    let out = run(c);
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(out.stderr.contains("tags"), "{out}");
+}

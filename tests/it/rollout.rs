@@ -356,3 +356,90 @@ fn waves_by_share_are_written_into_the_release_and_stay_with_their_hosts() {
         .ok();
     assert_eq!(waves(&fleet), first);
 }
+
+#[test]
+fn waves_from_groups_and_tags_in_the_flake() {
+    let names = ["a", "b", "c", "d", "e", "f"];
+    let mut fleet = Fleet::new(&names);
+    // Tags are services.fleet-agent.tags in each host's configuration.
+    fleet.fleet.set("b", |h| h.tags = vec!["canary".into()]);
+    for pi in ["c", "d"] {
+        fleet
+            .fleet
+            .set(pi, |h| h.tags = vec!["pi".into(), "arm".into()]);
+    }
+    fleet.fleet.commit("tags");
+    let config = fleet.dir.join("fleet.toml");
+    let write = |rollout: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[groups]\nrouters = [\"e\", \"b\"]\n\n[rollout]\n{rollout}\n\n\
+                 [hosts.f]\nwave = 0\n"
+            ),
+        )
+        .unwrap();
+    };
+    let config_arg = config.to_str().unwrap().to_owned();
+    let waves = |fleet: &Fleet| -> Vec<Option<u64>> {
+        let doc = fleet.published_json();
+        names
+            .iter()
+            .map(|n| doc["hosts"][n]["wave"].as_u64())
+            .collect()
+    };
+
+    // A tag no host has is a usage error before anything is built or published.
+    write("waves = [[\"tag:canary\"], [\"tag:x86\"]]");
+    let out = fleet.release(&["--config", &config_arg]);
+    out.fails_with(
+        2,
+        "no host has the tag 'x86' named in [rollout] waves (wave 1)",
+    );
+    assert!(!out.stderr.contains("building"), "{out}");
+    assert!(!fleet
+        .channel_dir
+        .join(fleet_agent::release::DOCUMENT_FILE)
+        .exists());
+
+    // b is a canary (and a router: the first wave naming it wins), c and d are Pis, e a router,
+    // f has its own wave, a is in none: it goes last.
+    write("waves = [[\"tag:canary\"], [\"@routers\", \"tag:pi\"]]");
+    fleet.release(&["--config", &config_arg]).ok();
+    assert_eq!(
+        waves(&fleet),
+        [None, Some(0), Some(1), Some(1), Some(1), Some(0)]
+    );
+    // Shares split the hosts in no wave into the waves after the listed ones.
+    write("waves = [[\"tag:canary\"], [\"@routers\", \"tag:pi\"]]\nshares = [50]");
+    fleet.release(&["--config", &config_arg]).ok();
+    let with_shares = waves(&fleet);
+    assert_eq!(
+        with_shares[1..],
+        [Some(0), Some(1), Some(1), Some(1), Some(0)]
+    );
+    assert!(
+        matches!(with_shares[0], Some(2) | Some(3)),
+        "{with_shares:?}"
+    );
+
+    // --on takes tags too: only the Pis are built, and a rollout holds back every wave after 0.
+    for name in names {
+        fleet.fleet.set(name, |h| h.version = "2".into());
+    }
+    fleet.fleet.commit("v2");
+    let before = fleet.published_json();
+    let out = fleet.release(&["--config", &config_arg, "--on", "tag:arm", "--rollout"]);
+    out.ok();
+    assert!(out.stderr.contains("building 2 host(s): c, d"), "{out}");
+    let doc = fleet.published_json();
+    assert_eq!(doc["rollout"]["active"], 0, "{doc}");
+    for pi in ["c", "d"] {
+        // Wave 1: the new system waits in `target`.
+        assert_eq!(
+            doc["hosts"][pi]["toplevel"],
+            before["hosts"][pi]["toplevel"]
+        );
+        assert_eq!(doc["hosts"][pi]["target"], fleet.fleet.build(pi));
+    }
+}

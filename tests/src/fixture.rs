@@ -19,6 +19,8 @@ pub struct Host {
     pub kernel: String,
     /// MiB of incompressible data in the system (a closure of realistic size).
     pub payload_mib: u32,
+    /// `services.fleet-agent.tags`: what `fleet-sign` selects with `tag:NAME`.
+    pub tags: Vec<String>,
 }
 
 /// A salt unique to this process and fleet, so no two tests share a store path.
@@ -71,6 +73,7 @@ impl FixtureFleet {
                     behaviour: "ok".into(),
                     kernel: "6.1.0".into(),
                     payload_mib: 0,
+                    tags: Vec::new(),
                 };
                 (name.to_string(), host)
             })
@@ -92,14 +95,19 @@ impl FixtureFleet {
         for (name, h) in &self.hosts {
             text += &format!(
                 "  \"{name}\" = {{ type = \"{}\"; system = \"{}\"; version = \"{}\"; \
-                 behaviour = \"{}\"; kernel = \"{}\"; salt = \"{}\"; payloadMiB = {}; }};\n",
+                 behaviour = \"{}\"; kernel = \"{}\"; salt = \"{}\"; payloadMiB = {}; \
+                 tags = [ {}]; }};\n",
                 h.kind,
                 system(),
                 h.version,
                 h.behaviour,
                 h.kernel,
                 self.salt,
-                h.payload_mib
+                h.payload_mib,
+                h.tags
+                    .iter()
+                    .map(|t| format!("\"{t}\" "))
+                    .collect::<String>()
             );
         }
         text += "}\n";

@@ -13,7 +13,7 @@
 
 use super::{now, rfc3339, SigningArgs};
 use crate::channel::{Channel, Published};
-use crate::config::{Loaded, RawHost};
+use crate::config::{Loaded, RawHost, RawRollout};
 use crate::progress::{human_size, NixProgress};
 use crate::record::Record;
 use crate::{keyfile, nix};
@@ -129,6 +129,7 @@ struct Settings {
     validity: Duration,
     groups: BTreeMap<String, Vec<String>>,
     hosts: BTreeMap<String, RawHost>,
+    rollout: RawRollout,
     freshness: Freshness,
     /// 1 (every entry in the document) or 2 (a Merkle root; a file per host).
     format: u32,
@@ -253,6 +254,7 @@ fn settings(args: &Args, config: Loaded) -> Result<Settings> {
         validity,
         groups: config.raw.groups,
         hosts: config.raw.hosts,
+        rollout: config.raw.rollout,
     })
 }
 
@@ -305,7 +307,6 @@ fn prebuilt_paths(args: &Args, all_hosts: &Hosts) -> Result<Option<BTreeMap<Stri
     Ok(Some(given))
 }
 
-/// Resolves `--on` (names and @groups) against the flake's hosts.
 /// The flake's hosts, in order and as a set: a fleet can have 100,000, so membership is never a
 /// scan of the list.
 struct Hosts<'a> {
@@ -337,41 +338,85 @@ impl<'a> Hosts<'a> {
     }
 }
 
-fn select_hosts(
-    on: &[String],
-    all: &Hosts,
-    groups: &BTreeMap<String, Vec<String>>,
-) -> Result<Vec<String>> {
-    if on.is_empty() {
-        return Ok(all.list.to_vec());
+/// Turns selectors (host names, `@group`, `tag:NAME`) into hosts of the flake. The hosts' tags
+/// are evaluated once, and only when a `tag:` selector asks.
+struct Selectors<'a> {
+    all: &'a Hosts<'a>,
+    groups: &'a BTreeMap<String, Vec<String>>,
+    /// Reads each host's tags (from the flake).
+    read_tags: &'a dyn Fn() -> Result<BTreeMap<String, Vec<String>>>,
+    tags: std::cell::OnceCell<BTreeMap<String, Vec<String>>>,
+}
+
+impl<'a> Selectors<'a> {
+    fn new(
+        all: &'a Hosts<'a>,
+        groups: &'a BTreeMap<String, Vec<String>>,
+        read_tags: &'a dyn Fn() -> Result<BTreeMap<String, Vec<String>>>,
+    ) -> Self {
+        Self {
+            all,
+            groups,
+            read_tags,
+            tags: std::cell::OnceCell::new(),
+        }
     }
-    let mut chosen = BTreeSet::new();
-    for item in on.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
-        let names: Vec<String> = match item.strip_prefix('@') {
-            Some(group) => groups.get(group).cloned().ok_or_else(|| {
-                let known: Vec<&str> = groups.keys().map(String::as_str).collect();
+
+    /// The hosts `item` names; `whence` (`--on`, `[rollout] waves`) is for the errors.
+    fn resolve(&self, item: &str, whence: &str) -> Result<Vec<String>> {
+        let names: Vec<String> = if let Some(group) = item.strip_prefix('@') {
+            self.groups.get(group).cloned().ok_or_else(|| {
+                let known: Vec<&str> = self.groups.keys().map(String::as_str).collect();
                 crate::usage(format!(
-                    "unknown group '@{group}' in --on (groups in fleet.toml: {})",
+                    "unknown group '@{group}' in {whence} (groups in fleet.toml: {})",
                     if known.is_empty() {
                         "none".into()
                     } else {
                         known.join(", ")
                     }
                 ))
-            })?,
-            None => vec![item.to_owned()],
-        };
-        for name in names {
-            if !all.set.contains(name.as_str()) {
+            })?
+        } else if let Some(tag) = item.strip_prefix("tag:") {
+            if self.tags.get().is_none() {
+                let _ = self.tags.set((self.read_tags)()?);
+            }
+            let tags = self.tags.get().expect("just read");
+            let tagged: Vec<String> = tags
+                .iter()
+                .filter(|(_, tags)| tags.iter().any(|t| t == tag))
+                .map(|(host, _)| host.clone())
+                .collect();
+            if tagged.is_empty() {
                 return Err(crate::usage(format!(
-                    "unknown host '{name}' in --on: the flake's nixosConfigurations are {}",
-                    all.listed()
+                    "no host has the tag '{tag}' named in {whence} (tags are                      services.fleet-agent.tags in each host's configuration)"
                 )));
             }
-            chosen.insert(name);
+            tagged
+        } else {
+            vec![item.to_owned()]
+        };
+        for name in &names {
+            if !self.all.set.contains(name.as_str()) {
+                return Err(crate::usage(format!(
+                    "unknown host '{name}' in {whence}: the flake's nixosConfigurations are {}",
+                    self.all.listed()
+                )));
+            }
         }
+        Ok(names)
     }
-    Ok(chosen.into_iter().collect())
+
+    /// The hosts of a list of selectors; every host when it is empty.
+    fn select(&self, on: &[String], whence: &str) -> Result<Vec<String>> {
+        if on.is_empty() {
+            return Ok(self.all.list.to_vec());
+        }
+        let mut chosen = BTreeSet::new();
+        for item in on.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            chosen.extend(self.resolve(item, whence)?);
+        }
+        Ok(chosen.into_iter().collect())
+    }
 }
 
 /// What the channels hold: the newest verified release, if any, and each channel's serial.
@@ -556,7 +601,31 @@ fn build_step(
     }
     let host_list = nix::list_hosts(&source.locked_url)?;
     let all_hosts = Hosts::new(&host_list);
-    let chosen = select_hosts(&args.on, &all_hosts, &settings.groups)?;
+    let read_tags = || nix::host_tags(&source.locked_url);
+    let selectors = Selectors::new(&all_hosts, &settings.groups, &read_tags);
+    let chosen = selectors.select(&args.on, "--on")?;
+    // The waves of [rollout] waves, checked before anything is built.
+    let mut listed_waves: Vec<BTreeSet<String>> = Vec::new();
+    for (i, wave) in settings.rollout.waves.iter().enumerate() {
+        if wave.is_empty() {
+            return Err(crate::usage(format!("[rollout] waves: wave {i} is empty")));
+        }
+        listed_waves.push(
+            selectors
+                .select(wave, &format!("[rollout] waves (wave {i})"))?
+                .into_iter()
+                .collect(),
+        );
+    }
+    let shares = if args.waves.is_empty() {
+        &settings.rollout.shares
+    } else {
+        &args.waves
+    };
+    let shares = match shares.is_empty() {
+        true => None,
+        false => Some(wave_shares(shares)?),
+    };
     if chosen.is_empty() {
         return Err(crate::usage(format!(
             "flake '{}' has no nixosConfigurations",
@@ -699,16 +768,22 @@ fn build_step(
                 })?;
                 entry.report_key = Some(key.clone());
             }
-            entry.wave = config.wave.or(entry.wave);
         }
-    }
-    if !args.waves.is_empty() {
-        let shares = wave_shares(&args.waves)?;
-        for (name, entry) in hosts.iter_mut() {
-            if settings.hosts.get(name).and_then(|c| c.wave).is_none() {
-                entry.wave = Some(hashed_wave(&settings.fleet, name, &shares));
-            }
-        }
+        // A host's own `wave`, else the first of [rollout] waves naming it, else its wave by
+        // share after those, else the wave it had.
+        let own = settings.hosts.get(name).and_then(|c| c.wave);
+        let listed = || {
+            listed_waves
+                .iter()
+                .position(|wave| wave.contains(name))
+                .map(|i| i as u32)
+        };
+        let by_share = || {
+            shares
+                .as_ref()
+                .map(|s| listed_waves.len() as u32 + hashed_wave(&settings.fleet, name, s))
+        };
+        entry.wave = own.or_else(listed).or_else(by_share).or(entry.wave);
     }
     if hosts.len() < host_list.len() {
         let missing: Vec<&str> = host_list
@@ -1197,25 +1272,56 @@ mod tests {
     }
 
     #[test]
-    fn selects_names_and_groups() {
+    fn selects_names_groups_and_tags() {
         let list: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let all = Hosts::new(&list);
         let groups = BTreeMap::from([("pair".to_owned(), vec!["a".to_owned(), "c".to_owned()])]);
+        let reads = std::cell::Cell::new(0);
+        let read_tags = || {
+            reads.set(reads.get() + 1);
+            Ok(BTreeMap::from([
+                ("a".to_owned(), vec!["pi".to_owned()]),
+                ("b".to_owned(), vec!["pi".to_owned(), "canary".to_owned()]),
+                ("c".to_owned(), vec![]),
+            ]))
+        };
+        let selectors = Selectors::new(&all, &groups, &read_tags);
         let on = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert_eq!(select_hosts(&[], &all, &groups).unwrap(), list);
+        assert_eq!(selectors.select(&[], "--on").unwrap(), list);
         assert_eq!(
-            select_hosts(&on(&["@pair", "a"]), &all, &groups).unwrap(),
+            selectors.select(&on(&["@pair", "a"]), "--on").unwrap(),
             on(&["a", "c"])
         );
-        let err = select_hosts(&on(&["d"]), &all, &groups).unwrap_err();
+        assert_eq!(reads.get(), 0, "tags are read only when asked for");
+        assert_eq!(
+            selectors.select(&on(&["tag:pi"]), "--on").unwrap(),
+            on(&["a", "b"])
+        );
+        assert_eq!(
+            selectors.select(&on(&["tag:canary", "c"]), "--on").unwrap(),
+            on(&["b", "c"])
+        );
+        assert_eq!(reads.get(), 1, "and once");
+        let err = selectors
+            .select(&on(&["tag:x86"]), "[rollout] waves")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("no host has the tag 'x86' named in [rollout] waves"),
+            "{err}"
+        );
+        let err = selectors.select(&on(&["d"]), "--on").unwrap_err();
         assert_eq!(
             err.to_string(),
             "unknown host 'd' in --on: the flake's nixosConfigurations are a, b, c"
         );
-        assert!(select_hosts(&on(&["@nope"]), &all, &groups).is_err());
+        assert!(selectors.select(&on(&["@nope"]), "--on").is_err());
         // A large fleet's error names the first 20 hosts, not all of them.
         let many: Vec<String> = (0..1000).map(|i| format!("h{i:04}")).collect();
-        let err = select_hosts(&on(&["d"]), &Hosts::new(&many), &groups).unwrap_err();
+        let many = Hosts::new(&many);
+        let err = Selectors::new(&many, &groups, &read_tags)
+            .select(&on(&["d"]), "--on")
+            .unwrap_err();
         assert!(
             err.to_string().ends_with("h0018, h0019 and 980 more"),
             "{err}"

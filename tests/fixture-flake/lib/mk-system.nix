@@ -3,7 +3,8 @@
 # looks at: bin/switch-to-configuration, nixos-version, kernel, initrd. `salt` makes store paths
 # unique to one test, so tests sharing the machine's store never share a system; `payloadMiB`
 # adds that much incompressible data, for benchmarks that need a closure of realistic size.
-{ name, system, type ? "server", version ? "1", behaviour ? "ok", kernel ? "6.1.0", salt ? "", payloadMiB ? 0 }:
+# `tags` become services.fleet-agent.tags, as the NixOS module's option: fleet-sign's `tag:NAME`.
+{ name, system, type ? "server", version ? "1", behaviour ? "ok", kernel ? "6.1.0", salt ? "", payloadMiB ? 0, tags ? [ ] }:
 let
   toplevel = derivation {
     name = "nixos-system-${name}-${version}";
@@ -36,5 +37,6 @@ in
     networking.hostName = name;
     nixpkgs.hostPlatform = system;
     system.build.toplevel = toplevel;
+    services.fleet-agent.tags = tags;
   };
 }

@@ -443,3 +443,84 @@ fn waves_from_groups_and_tags_in_the_flake() {
         assert_eq!(doc["hosts"][pi]["target"], fleet.fleet.build(pi));
     }
 }
+
+#[test]
+fn a_window_that_opens_moves_its_hosts_spread_over_their_splay_not_in_lockstep() {
+    // Ten agents poll every second plus up to 10 s of splay. A release whose not_before opens
+    // a window in the future: the hosts take it and wait, none moves before the window,
+    // and they move spread over their splay (with none, all would move within about a second
+    // of the opening: a wave in lockstep).
+    let names: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut fleet = Fleet::new(&refs);
+    let hosts: Vec<_> = refs
+        .iter()
+        .map(|n| fleet.host(n, Channel::Directory))
+        .collect();
+    fleet.release(&[]).ok();
+    let keys = [fleet.release_public_key()];
+    let directory = fleet.channel_url(Channel::Directory);
+    let _daemons: Vec<_> = hosts
+        .iter()
+        .map(|host| {
+            host.write_config(
+                &fleet.settings(&keys, 1, &directory),
+                "poll_interval = \"1s\"\npoll_splay = \"10s\"\n",
+                "",
+            );
+            let log = std::fs::File::create(host.root.join("agent.log")).unwrap();
+            fleet_tests::KillOnDrop(host.agent(&["run"]).stderr(log).spawn().unwrap())
+        })
+        .collect();
+    let log = |i: usize| std::fs::read_to_string(hosts[i].root.join("agent.log")).unwrap();
+    fleet_tests::wait_until("every host polling release 1", 60, || {
+        (0..hosts.len()).all(|i| log(i).contains("accepted release 1"))
+    });
+
+    for name in &names {
+        fleet.fleet.set(name, |h| h.version = "2".into());
+    }
+    fleet.fleet.commit("v2");
+    fleet.release(&["--not-before", "+15s"]).ok();
+    let opens = fleet.published_json()["hosts"]["s0"]["not_before"]
+        .as_u64()
+        .unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    // When each host was first seen moving (the log is read every 100 ms).
+    let mut moved: Vec<Option<f64>> = vec![None; hosts.len()];
+    let deadline = now() + 60.0;
+    while moved.iter().any(Option::is_none) && now() < deadline {
+        for (i, at) in moved.iter_mut().enumerate() {
+            if at.is_none() && log(i).contains("phase idle -> realising (release 2)") {
+                *at = Some(now());
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let moved: Vec<f64> = moved
+        .into_iter()
+        .enumerate()
+        .map(|(i, at)| at.unwrap_or_else(|| panic!("{} never moved:\n{}", names[i], log(i))))
+        .collect();
+    for (i, at) in moved.iter().enumerate() {
+        assert!(*at >= opens as f64, "{} moved before the window", names[i]);
+    }
+    let first = moved.iter().cloned().fold(f64::MAX, f64::min);
+    let last = moved.iter().cloned().fold(f64::MIN, f64::max);
+    let offsets: Vec<String> = moved
+        .iter()
+        .map(|at| format!("{:.1}", at - opens as f64))
+        .collect();
+    assert!(
+        last - first >= 2.5,
+        "the hosts moved within {:.1} s of each other (seconds after the window opened: {})",
+        last - first,
+        offsets.join(", ")
+    );
+    eprintln!("seconds after the window opened: {}", offsets.join(", "));
+}

@@ -36,6 +36,7 @@ fn entries(hosts: usize) -> BTreeMap<String, HostEntry> {
                 not_before: None,
                 target: None,
                 previous: None,
+                held: false,
                 report_key: Some(report_key.clone()),
             };
             (format!("host-{i:06}"), entry)

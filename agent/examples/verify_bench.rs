@@ -35,6 +35,7 @@ fn main() {
                 not_before: None,
                 target: None,
                 previous: None,
+                held: false,
                 report_key: Some(report_key.clone()),
             },
         );

@@ -61,18 +61,30 @@ fn a_rollout_moves_wave_by_wave_holds_when_paused_and_aborts_back() {
     // No new release over a rollout in progress.
     fleet.release(&[]).fails_with(2, "rollout_active");
 
-    // Paused: nothing is promoted, no host changes.
-    step(&fleet, "pause").ok();
-    assert_eq!(fleet.published_json()["rollout"]["paused"], true);
-    step(&fleet, "promote").fails_with(2, "rollout_paused");
-    outcomes(["up-to-date", "up-to-date", "up-to-date"]);
-    step(&fleet, "resume").ok();
-
-    // Wave 1 moves; wave 2 still waits.
+    // Wave 1 is promoted, then paused before its host polls: every host stays where it is
+    // (b, not moved yet, waits; a, moved, stays), and nothing is promoted.
     step(&fleet, "promote").ok();
     let doc = fleet.published_json();
     assert_eq!(doc["rollout"], serde_json::json!({"active": 1, "waves": 3}));
     assert_eq!(doc["hosts"]["b"]["previous"], v1[1].as_str());
+    assert_eq!(doc["hosts"]["b"]["toplevel"], v2[1].as_str());
+    step(&fleet, "pause").ok();
+    let doc = fleet.published_json();
+    assert_eq!(doc["rollout"]["paused"], true);
+    for (name, held) in [("a", true), ("b", true), ("c", false)] {
+        assert_eq!(doc["hosts"][name].get("held").is_some(), held, "{doc}");
+    }
+    step(&fleet, "promote").fails_with(2, "rollout_paused");
+    outcomes(["up-to-date", "waiting", "up-to-date"]);
+    outcomes(["up-to-date", "waiting", "up-to-date"]);
+    hosts[0].assert_on(&v2[0]);
+    hosts[1].assert_on(&v1[1]);
+    assert!(hosts[1].switch_calls().is_empty());
+
+    // Resumed: b moves; wave 2 still waits.
+    step(&fleet, "resume").ok();
+    let doc = fleet.published_json();
+    assert!(doc["hosts"]["b"].get("held").is_none(), "{doc}");
     outcomes(["up-to-date", "committed", "up-to-date"]);
     hosts[1].assert_on(&v2[1]);
     hosts[2].assert_on(&v1[2]);

@@ -298,6 +298,7 @@ impl PaperFleet {
                         not_before: None,
                         target: None,
                         previous: None,
+                        held: false,
                         report_key: Some(key.public().to_string()),
                     };
                     (name.clone(), entry)

@@ -725,6 +725,14 @@ impl Agent {
         if self.state.bad.as_ref().is_some_and(|b| b.serial >= serial) {
             return Outcome::KnownBad { serial };
         }
+        if entry.held {
+            // A paused rollout: stay on what runs; the next release says when to move.
+            log::info!(serial = serial.to_string().as_str(); "release {serial} holds this host where it is (the rollout is paused)");
+            return Outcome::Waiting {
+                serial,
+                not_before: verified.release().expires,
+            };
+        }
         let now = now(self.state.time_floor);
         if let Some(not_before) = entry.not_before.filter(|t| *t > now) {
             log::info!(serial = serial.to_string().as_str(); "release {serial} waits until {not_before} for this host");

@@ -127,6 +127,10 @@ pub struct HostEntry {
     /// abort` gives back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<StorePath>,
+    /// A paused rollout holds the host where it is: one that runs `toplevel` already stays,
+    /// one that does not waits (until `fleet-sign resume` publishes a release without it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
 }
 
 /// A syntactically valid top-level Nix store path: `/nix/store/<32 nix-base32>-<name>`.

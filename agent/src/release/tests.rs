@@ -20,6 +20,7 @@ fn release(serial: u64) -> Release {
             not_before: None,
             target: None,
             previous: None,
+            held: false,
             report_key: Some(key("a", 9).public().to_string()),
         },
     );

@@ -720,6 +720,7 @@ fn build_step(
                 let mut entry = entry.clone();
                 entry.target = None;
                 entry.previous = None;
+                entry.held = false;
                 hosts.insert(name.clone(), entry);
             } else {
                 eprintln!(
@@ -756,6 +757,7 @@ fn build_step(
                 not_before,
                 target: None,
                 previous: None,
+                held: false,
                 report_key: old.and_then(|o| o.report_key),
             },
         );
@@ -953,9 +955,17 @@ fn rollout_step(op: Op, previous: Option<&Release>) -> Result<Step> {
             }
             eprintln!("promoting wave {} of {}", rollout.active, rollout.waves);
         }
-        Op::Pause | Op::Resume => rollout.paused = op == Op::Pause,
+        Op::Pause | Op::Resume => {
+            rollout.paused = op == Op::Pause;
+            // The hosts this rollout gave a new system are held: those that run it stay, those
+            // that have not moved yet wait until resume.
+            for entry in hosts.values_mut() {
+                entry.held = rollout.paused && entry.previous.is_some();
+            }
+        }
         Op::Abort => {
             for entry in hosts.values_mut() {
+                entry.held = false;
                 entry.target = None;
                 if let Some(previous) = entry.previous.take() {
                     entry.toplevel = previous;
@@ -1228,6 +1238,7 @@ mod tests {
             report_key: None,
             target: None,
             previous: None,
+            held: false,
         };
         let old = Release {
             format: FORMAT_VERSION,

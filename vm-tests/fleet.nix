@@ -59,7 +59,8 @@ let
     }).config.system.build.toplevel;
   };
 
-  agentPackage = pkgs: self.packages.${pkgs.stdenv.hostPlatform.system}.fleet-gitops-agent;
+  # What the flake's module gives a host whose channel is not in an S3 bucket.
+  agentPackage = pkgs: self.packages.${pkgs.stdenv.hostPlatform.system}.fleet-gitops-agent-no-s3;
 in
 {
   name = "fleet-cache-git-ssh-collector";

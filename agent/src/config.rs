@@ -617,7 +617,14 @@ impl CacheSpec {
         } else if store.starts_with("http://") || store.starts_with("https://") {
             CacheLocation::Http(format!("{store}/{CACHE_FOLDER}"))
         } else if store.starts_with("s3://") {
-            CacheLocation::S3(S3Location::parse(&store).map_err(|why| bad(&why))?)
+            let location = S3Location::parse(&store).map_err(|why| bad(&why))?;
+            if cfg!(not(feature = "s3")) {
+                return Err(bad(
+                    "this fleet-agent is built without S3 support (cargo feature `s3`, on by \
+                     default; the NixOS package: fleet-gitops-agent with s3 = true)",
+                ));
+            }
+            CacheLocation::S3(location)
         } else {
             return Err(bad(
                 "use cache+file:///…, cache+http(s)://… or cache+s3://<bucket>?…",

@@ -54,9 +54,12 @@ let
     # A build step as a file holding its script: its path changes whenever its inputs do.
     runCommand = name: _env: script: builtins.toFile name script;
     stdenv.hostPlatform.system = "x86_64-linux";
-    # package.nix, as the flake calls it: the agent alone or both binaries (named apart from
-    # the pkgs attributes, so a test sees which one a module got).
-    callPackage = _path: args: package (if args ? crate then "flake-fleet-gitops-agent" else "flake-fleet-gitops");
+    # package.nix, as the flake calls it: the agent alone (with or without S3) or both binaries
+    # (named apart from the pkgs attributes, so a test sees which one a module got).
+    callPackage = _path: args: package (
+      if !(args ? crate) then "flake-fleet-gitops"
+      else if args.s3 or true then "flake-fleet-gitops-agent"
+      else "flake-fleet-gitops-agent-no-s3");
     # The VM test as runNixOSTest receives it.
     testers.runNixOSTest = test: test;
   };

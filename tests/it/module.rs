@@ -594,9 +594,10 @@ fn the_flakes_module_brings_the_flakes_own_packages_without_an_overlay() {
     );
     let out = eval_with(&lib, &format!("config = {config}; viaFlake = true;"));
     assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+    // A git channel: the agent without S3 support (less idle memory).
     let agent = out["agent"]["serviceConfig"]["ExecStart"].as_str().unwrap();
     assert!(
-        agent.contains("-flake-fleet-gitops-agent/bin/fleet-agent "),
+        agent.contains("-flake-fleet-gitops-agent-no-s3/bin/fleet-agent "),
         "{agent}"
     );
     let collector = out["collector"]["serviceConfig"]["ExecStart"]
@@ -608,7 +609,20 @@ fn the_flakes_module_brings_the_flakes_own_packages_without_an_overlay() {
     );
     assert_eq!(
         out["systemPackages"],
-        serde_json::json!(["flake-fleet-gitops-agent"])
+        serde_json::json!(["flake-fleet-gitops-agent-no-s3"])
+    );
+    // A channel in an S3 bucket: the agent with it.
+    let s3 = config.replacen(
+        "git+https://git.example.org/fleet.git#fleet-release",
+        "cache+s3://nix-cache?region=eu-central-1",
+        1,
+    );
+    let out = eval_with(&lib, &format!("config = {s3}; viaFlake = true;"));
+    assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
+    let agent = out["agent"]["serviceConfig"]["ExecStart"].as_str().unwrap();
+    assert!(
+        agent.contains("-flake-fleet-gitops-agent/bin/fleet-agent "),
+        "{agent}"
     );
 }
 
@@ -621,7 +635,7 @@ fn the_vm_tests_evaluate_with_the_flakes_module_and_their_scripts_parse() {
     assert!(out["agent"]["serviceConfig"]["ExecStart"]
         .as_str()
         .unwrap()
-        .contains("-flake-fleet-gitops-agent/bin/fleet-agent"));
+        .contains("-flake-fleet-gitops-agent-no-s3/bin/fleet-agent"));
     assert_eq!(
         out["specialisations"],
         serde_json::json!(["bad", "good", "sick", "slow"])

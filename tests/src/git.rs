@@ -1,6 +1,7 @@
 //! git remotes for tests: bare repositories, served over loopback by `git daemon`.
 
 use crate::{free_port, run, wait_for_port, KillOnDrop};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -14,8 +15,19 @@ pub fn bare_repo(path: &Path) -> PathBuf {
 
 /// `git daemon` serving every repository below a directory, pushes allowed.
 pub struct GitDaemon {
-    _child: KillOnDrop,
+    child: KillOnDrop,
     pub port: u16,
+}
+
+impl Drop for GitDaemon {
+    /// `git daemon` forks a child per connection: the whole process group goes, not only the
+    /// daemon (killing it alone left its children serving, or waiting as zombies).
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.child.0.id())])
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 impl GitDaemon {
@@ -32,10 +44,11 @@ impl GitDaemon {
             .arg(base)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("start git daemon");
         let daemon = Self {
-            _child: KillOnDrop(child),
+            child: KillOnDrop(child),
             port,
         };
         wait_for_port(port);

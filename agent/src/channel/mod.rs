@@ -7,6 +7,7 @@ mod dir;
 mod git;
 mod git_transport;
 mod http;
+#[cfg(feature = "s3")]
 pub mod s3;
 
 use crate::config::{CacheLocation, CacheSpec, ChannelSpec, Config};
@@ -120,6 +121,7 @@ enum Kind {
     Directory(dir::DirChannel),
     Http(http::HttpChannel),
     Git(git::GitChannel),
+    #[cfg(feature = "s3")]
     S3(s3::S3Channel),
 }
 
@@ -156,6 +158,7 @@ impl Channel {
                 location: CacheLocation::Http(url),
                 ..
             }) => Kind::Http(http(url)?),
+            #[cfg(feature = "s3")]
             ChannelSpec::Cache(CacheSpec {
                 location: CacheLocation::S3(location),
                 ..
@@ -165,6 +168,11 @@ impl Channel {
                 config.channel_timeout,
                 want,
             )?),
+            #[cfg(not(feature = "s3"))]
+            ChannelSpec::Cache(CacheSpec {
+                location: CacheLocation::S3(_),
+                ..
+            }) => unreachable!("the config refuses cache+s3:// in an agent without the s3 feature"),
             ChannelSpec::Git { url, refname } => Kind::Git(git::GitChannel::new(
                 url.clone(),
                 refname.clone(),
@@ -194,6 +202,7 @@ impl Channel {
                 Kind::Directory(c) => c.poll().await,
                 Kind::Http(c) => c.poll().await,
                 Kind::Git(c) => c.poll().await,
+                #[cfg(feature = "s3")]
                 Kind::S3(c) => c.poll().await,
             }
         };
@@ -218,6 +227,7 @@ impl Channel {
                 Kind::Directory(c) => c.read_file(&path, MAX_HOST_PIECE_BYTES).await,
                 Kind::Http(c) => c.fetch_file(&path, MAX_HOST_PIECE_BYTES).await,
                 Kind::Git(c) => c.read_file(&path, MAX_HOST_PIECE_BYTES).await,
+                #[cfg(feature = "s3")]
                 Kind::S3(c) => c.fetch_file(&path, MAX_HOST_PIECE_BYTES).await,
             }
         };
@@ -238,6 +248,7 @@ impl Channel {
                 Kind::Directory(c) => c.read_freshness().await.map(FreshnessPolled::Statement),
                 Kind::Http(c) => c.poll_freshness().await,
                 Kind::Git(_) => Ok(FreshnessPolled::Unchanged),
+                #[cfg(feature = "s3")]
                 Kind::S3(c) => c.poll_freshness().await,
             }
         };
@@ -256,6 +267,7 @@ impl Channel {
             Kind::Directory(c) => c.forget(),
             Kind::Http(c) => c.forget(),
             Kind::Git(c) => c.forget(),
+            #[cfg(feature = "s3")]
             Kind::S3(c) => c.forget(),
         }
     }
@@ -268,6 +280,7 @@ impl Channel {
             Kind::Directory(c) => Memory::Directory(c.memory()),
             Kind::Http(c) => Memory::Http(c.memory()),
             Kind::Git(c) => Memory::Git(c.memory()),
+            #[cfg(feature = "s3")]
             Kind::S3(c) => Memory::S3(c.memory()),
         };
         let result = self.poll().await.map(drop);
@@ -275,6 +288,7 @@ impl Channel {
             (Kind::Directory(c), Memory::Directory(m)) => c.restore(m),
             (Kind::Http(c), Memory::Http(m)) => c.restore(m),
             (Kind::Git(c), Memory::Git(m)) => c.restore(m),
+            #[cfg(feature = "s3")]
             (Kind::S3(c), Memory::S3(m)) => c.restore(m),
             _ => unreachable!("a channel keeps its kind"),
         }
@@ -287,6 +301,7 @@ enum Memory {
     Directory(dir::Memory),
     Http((http::Validators, http::Validators)),
     Git(Option<git2::Oid>),
+    #[cfg(feature = "s3")]
     S3(s3::Memory),
 }
 

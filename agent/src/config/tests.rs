@@ -220,31 +220,40 @@ fn cache_channels_name_the_store_and_where_the_release_lies() {
             CacheLocation::Http("https://cache.example.org/nix/fleet".into())
         )
     );
-    // Nix's S3 syntax: an endpoint as host:port with a scheme, or as a URL; profile ignored.
-    let s3 = |endpoint: Option<&str>, region: Option<&str>| {
-        CacheLocation::S3(S3Location {
-            bucket: "fleet-cache".into(),
-            region: region.map(str::to_owned),
-            endpoint: endpoint.map(str::to_owned),
-        })
-    };
-    let store = "s3://fleet-cache?region=eu-west-1&endpoint=minio.lan:9000&scheme=http&profile=p";
-    assert_eq!(
-        cache(&format!("cache+{store}")).unwrap(),
-        (
-            store.into(),
-            s3(Some("http://minio.lan:9000"), Some("eu-west-1"))
-        )
-    );
-    assert_eq!(
-        cache("cache+s3://fleet-cache?endpoint=https://s3.lan/")
-            .unwrap()
-            .1,
-        s3(Some("https://s3.lan"), None)
-    );
-    assert_eq!(cache("cache+s3://fleet-cache").unwrap().1, s3(None, None));
-    let shown = ChannelSpec::parse("cache+s3://fleet-cache?region=x").unwrap();
-    assert_eq!(shown.to_string(), "cache+s3://fleet-cache?region=x");
+    #[cfg(feature = "s3")]
+    {
+        // Nix's S3 syntax: an endpoint as host:port with a scheme, or as a URL; profile ignored.
+        let s3 = |endpoint: Option<&str>, region: Option<&str>| {
+            CacheLocation::S3(S3Location {
+                bucket: "fleet-cache".into(),
+                region: region.map(str::to_owned),
+                endpoint: endpoint.map(str::to_owned),
+            })
+        };
+        let store =
+            "s3://fleet-cache?region=eu-west-1&endpoint=minio.lan:9000&scheme=http&profile=p";
+        assert_eq!(
+            cache(&format!("cache+{store}")).unwrap(),
+            (
+                store.into(),
+                s3(Some("http://minio.lan:9000"), Some("eu-west-1"))
+            )
+        );
+        assert_eq!(
+            cache("cache+s3://fleet-cache?endpoint=https://s3.lan/")
+                .unwrap()
+                .1,
+            s3(Some("https://s3.lan"), None)
+        );
+        assert_eq!(cache("cache+s3://fleet-cache").unwrap().1, s3(None, None));
+        let shown = ChannelSpec::parse("cache+s3://fleet-cache?region=x").unwrap();
+        assert_eq!(shown.to_string(), "cache+s3://fleet-cache?region=x");
+    }
+    // An agent built without the s3 feature refuses the channel, saying so.
+    #[cfg(not(feature = "s3"))]
+    assert!(cache("cache+s3://fleet-cache")
+        .unwrap_err()
+        .contains("built without S3 support"));
     for (bad, why) in [
         ("cache+s3://", "name a bucket"),
         ("cache+s3://b/sub", "name a bucket"),

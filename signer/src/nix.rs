@@ -58,33 +58,33 @@ pub fn flake_source(flake: &str) -> Result<FlakeSource> {
     })
 }
 
-/// Names of the flake's `nixosConfigurations`.
-pub fn list_hosts(flake: &str) -> Result<Vec<String>> {
+/// `nix eval --json` of the flake's `nixosConfigurations` with `apply` (a Nix function).
+fn eval_hosts<T: for<'de> Deserialize<'de>>(flake: &str, apply: &str, what: &str) -> Result<T> {
     let mut command = nix();
     command.args([
         "eval",
         "--json",
         &format!("{flake}#nixosConfigurations"),
         "--apply",
-        "builtins.attrNames",
+        apply,
     ]);
-    json(command, "nix eval of nixosConfigurations")
-        .with_context(|| format!("could not list nixosConfigurations of flake '{flake}'"))
+    json(command, &format!("nix eval of {what}"))
+        .with_context(|| format!("could not read {what} of flake '{flake}'"))
+}
+
+/// Names of the flake's `nixosConfigurations`.
+pub fn list_hosts(flake: &str) -> Result<Vec<String>> {
+    eval_hosts(flake, "builtins.attrNames", "nixosConfigurations")
 }
 
 /// Each host's `services.fleet-agent.tags` (none for a host without the option). Evaluates that
 /// option of every host, so it is asked only when a `tag:` selector is used.
 pub fn host_tags(flake: &str) -> Result<BTreeMap<String, Vec<String>>> {
-    let mut command = nix();
-    command.args([
-        "eval",
-        "--json",
-        &format!("{flake}#nixosConfigurations"),
-        "--apply",
+    eval_hosts(
+        flake,
         "builtins.mapAttrs (name: host: host.config.services.fleet-agent.tags or [ ])",
-    ]);
-    json(command, "nix eval of the hosts' services.fleet-agent.tags")
-        .with_context(|| format!("could not read the hosts' tags in flake '{flake}'"))
+        "the hosts' services.fleet-agent.tags",
+    )
 }
 
 /// The installable of one host's system.

@@ -40,17 +40,22 @@ fn eval(lib: &Path, config: &str) -> serde_json::Value {
 
 /// Evaluates the harness with `arguments` (`config = …; viaFlake = true; vmTest = "…";`).
 fn eval_with(lib: &Path, arguments: &str) -> serde_json::Value {
+    let out = eval_attribute(lib, arguments, "");
+    out.ok();
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+/// `nix eval` of the harness's `attribute` (`.tags`; empty: all of it), which may fail.
+fn eval_attribute(lib: &Path, arguments: &str, attribute: &str) -> fleet_tests::Run {
     let harness = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixos-module/tests/eval.nix");
     let mut c = nix();
     c.args(["eval", "--json", "--impure", "--expr"])
         .arg(format!(
-            "import {} {{ lib = import {}; {arguments} }}",
+            "(import {} {{ lib = import {}; {arguments} }}){attribute}",
             harness.display(),
             lib.display()
         ));
-    let out = run(c);
-    out.ok();
-    serde_json::from_str(&out.stdout).unwrap()
+    run(c)
 }
 
 /// An agent config module with `settings` added to a minimal valid one.
@@ -777,15 +782,7 @@ fn tags_for_fleet_sign_are_an_option_of_the_agent_module() {
     assert_eq!(out["failedAssertions"], serde_json::json!([]), "{out:#}");
     // A tag fleet.toml could not name is a type error at evaluation.
     let bad = agent("").replacen("enable = true;", r#"enable = true; tags = [ "a b" ];"#, 1);
-    let harness = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nixos-module/tests/eval.nix");
-    let mut c = nix();
-    c.args(["eval", "--json", "--impure", "--expr"])
-        .arg(format!(
-            "(import {} {{ lib = import {}; config = {bad}; }}).tags",
-            harness.display(),
-            lib.display()
-        ));
-    let out = run(c);
+    let out = eval_attribute(&lib, &format!("config = {bad};"), ".tags");
     assert_ne!(out.code, Some(0), "{out}");
     assert!(out.stderr.contains("tags"), "{out}");
 }

@@ -188,26 +188,48 @@ fn rollout_promotes_each_wave_once_healthy_and_stops_on_a_failed_canary_or_a_sil
         names.iter().all(|n| collector.host(n)["health"] == "ok")
     });
 
-    // Every wave healthy in turn: exit 0 once the last is healthy too.
+    // Every wave healthy in turn, and a person pauses it on the way: nothing is promoted
+    // while paused, the rollout goes on after resume and exits 0 once the last wave is healthy
+    // too.
     for name in names {
         fleet.fleet.set(name, |h| h.version = "2".into());
     }
     fleet.fleet.commit("v2");
     let v2: Vec<String> = names.iter().map(|n| fleet.fleet.build(n)).collect();
-    let out = rollout(&fleet, &config, &collector.url, &["--wait-healthy"]);
+    let serial = || fleet.published_json()["serial"].as_u64().unwrap();
+    let out = std::thread::scope(|scope| {
+        let running = scope.spawn(|| {
+            let extra = ["--wait-healthy", "--soak", "5s"];
+            rollout(&fleet, &config, &collector.url, &extra)
+        });
+        fleet_tests::wait_until("the rollout's first release", 60, || serial() == 2);
+        step(&fleet, "pause").ok();
+        assert_eq!(serial(), 3);
+        std::thread::sleep(std::time::Duration::from_secs(10));
+        assert_eq!(serial(), 3, "nothing is promoted while paused");
+        assert_eq!(fleet.published_json()["rollout"]["active"], 0);
+        step(&fleet, "resume").ok();
+        running.join().unwrap()
+    });
     out.ok();
+    for said in [
+        "paused (release 3): waiting for fleet-sign resume",
+        "resumed (release 4)",
+        "complete",
+    ] {
+        assert!(out.stderr.contains(said), "{said:?} in {out}");
+    }
     for wave in 0..3 {
         assert!(
             out.stderr.contains(&format!("wave {wave} of 3: ")),
             "{wave}: {out}"
         );
     }
-    assert!(out.stderr.contains("complete"), "{out}");
     for (host, system) in hosts.iter().zip(&v2) {
         host.assert_on(system);
     }
-    // Three signed steps: the release and two promotions.
-    assert_eq!(fleet.published_json()["serial"], 4);
+    // Five signed steps: the release, pause, resume and two promotions.
+    assert_eq!(serial(), 6);
     assert_eq!(fleet.published_json()["rollout"]["active"], 2);
 
     // A canary that fails: the rollout stops and says who and why; later waves never move.
@@ -224,7 +246,7 @@ fn rollout_promotes_each_wave_once_healthy_and_stops_on_a_failed_canary_or_a_sil
     for said in ["rollout_failed", "wave 0 of 3", "a (switch_failed"] {
         assert!(out.stderr.contains(said), "{said:?} in {out}");
     }
-    assert_eq!(fleet.published_json()["serial"], 5);
+    assert_eq!(fleet.published_json()["serial"], 7);
     std::thread::sleep(std::time::Duration::from_secs(3));
     for (i, host) in hosts.iter().enumerate().skip(1) {
         assert_eq!(host.switch_calls().len(), switches[i], "{}", host.name);

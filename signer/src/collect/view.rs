@@ -48,6 +48,9 @@ pub struct ReleaseView {
     /// The valid freshness statement's times, when there is one.
     #[serde(default)]
     pub fresh: Option<FreshView>,
+    /// The rollout in waves the release is in, if any (`fleet-sign rollout` follows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<fleet_agent::release::Rollout>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -137,6 +140,7 @@ pub fn fleet_view(collector: &Collector, now: u64) -> Result<FleetView> {
                     issued_at: f.issued_at,
                     expires: f.expires,
                 }),
+                rollout: release.rollout.clone(),
             }
         }),
         now,

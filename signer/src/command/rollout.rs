@@ -183,13 +183,51 @@ pub fn run(args: Args) -> Result<()> {
     let mut active = 0;
     let mut wave_started = Instant::now();
     let mut healthy_since: Option<Instant> = None;
+    let mut paused = false;
     loop {
         std::thread::sleep(args.interval);
         let (view, _) = reader.read()?;
         // The collector reads the channel on its own schedule: judge only the release this
-        // command published last.
-        if view.release.as_ref().map(|r| r.serial) != Some(serial) {
+        // command published last, or a later step of the same rollout by a person.
+        let Some(release) = view.release.as_ref().filter(|r| r.serial >= serial) else {
             continue;
+        };
+        match &release.rollout {
+            None => {
+                return Err(crate::refusal(
+                    "rollout_ended",
+                    format!(
+                        "release {} ends the rollout (fleet-sign abort, or a release without \
+                         waves): stopping [code=rollout_ended]",
+                        release.serial
+                    ),
+                ))
+            }
+            // Paused by a person: wait for resume; the wave's clock starts again then.
+            Some(rollout) if rollout.paused => {
+                if !paused {
+                    eprintln!(
+                        "rollout: paused (release {}): waiting for fleet-sign resume",
+                        release.serial
+                    );
+                    paused = true;
+                }
+                wave_started = Instant::now();
+                healthy_since = None;
+                continue;
+            }
+            Some(rollout) => {
+                if paused {
+                    eprintln!("rollout: resumed (release {})", release.serial);
+                    paused = false;
+                }
+                // A wave promoted by hand: follow it.
+                if rollout.active > active {
+                    active = rollout.active;
+                    wave_started = Instant::now();
+                    healthy_since = None;
+                }
+            }
         }
         let last = last_wave(&view.hosts);
         let tally = tally(&view, active, args.silent_after, first);
@@ -243,7 +281,12 @@ pub fn run(args: Args) -> Result<()> {
             eprintln!("rollout of release {serial} complete: every wave is out and healthy");
             return Ok(());
         }
-        serial = release::run_op(args.release.clone(), Op::Promote)?;
+        serial = match release::run_op(args.release.clone(), Op::Promote) {
+            Ok(serial) => serial,
+            // Paused since the collector last read the channel.
+            Err(e) if crate::error_code(&e) == "rollout_paused" => continue,
+            Err(e) => return Err(e),
+        };
         active += 1;
         wave_started = Instant::now();
         healthy_since = None;

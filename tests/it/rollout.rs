@@ -2,6 +2,7 @@
 //! next, `pause`/`resume` hold promotion, `abort` gives the hosts moved their previous systems.
 
 use crate::common::{Channel, Fleet};
+use fleet_tests::host::SimHost;
 use fleet_tests::{command, run, Run};
 
 /// `fleet-sign <op>` on the fleet's two channels with the release key.
@@ -15,14 +16,40 @@ fn step(fleet: &Fleet, op: &str) -> Run {
     run(c)
 }
 
+/// A host of the fleet for each name, reading the directory channel.
+fn directory_hosts(fleet: &mut Fleet, names: &[&str]) -> Vec<SimHost> {
+    names
+        .iter()
+        .map(|n| fleet.host(n, Channel::Directory))
+        .collect()
+}
+
+/// Gives every host of `names` system `version` (the one named `failing` fails its switch),
+/// commits the flake and returns the new systems, in the order of `names`.
+fn new_version(
+    fleet: &mut Fleet,
+    names: &[impl AsRef<str>],
+    version: &str,
+    failing: Option<&str>,
+) -> Vec<String> {
+    for name in names.iter().map(AsRef::as_ref) {
+        fleet.fleet.set(name, |h| {
+            h.version = version.into();
+            h.behaviour = if Some(name) == failing { "fail" } else { "ok" }.into();
+        });
+    }
+    fleet.fleet.commit(&format!("v{version}"));
+    names
+        .iter()
+        .map(|n| fleet.fleet.build(n.as_ref()))
+        .collect()
+}
+
 #[test]
 fn a_rollout_moves_wave_by_wave_holds_when_paused_and_aborts_back() {
     let names = ["a", "b", "c"];
     let mut fleet = Fleet::new(&names);
-    let hosts: Vec<_> = names
-        .iter()
-        .map(|n| fleet.host(n, Channel::Directory))
-        .collect();
+    let hosts = directory_hosts(&mut fleet, &names);
     let v1: Vec<String> = names.iter().map(|n| fleet.fleet.build(n)).collect();
     let config = fleet.dir.join("fleet.toml");
     std::fs::write(
@@ -32,11 +59,7 @@ fn a_rollout_moves_wave_by_wave_holds_when_paused_and_aborts_back() {
     .unwrap();
     let config = config.to_str().unwrap().to_owned();
     fleet.release(&["--config", &config]).ok();
-    for name in names {
-        fleet.fleet.set(name, |h| h.version = "2".into());
-    }
-    fleet.fleet.commit("v2");
-    let v2: Vec<String> = names.iter().map(|n| fleet.fleet.build(n)).collect();
+    let v2 = new_version(&mut fleet, &names, "2", None);
 
     fleet.release(&["--rollout", "--config", &config]).ok();
     let doc = fleet.published_json();
@@ -144,10 +167,7 @@ pub fn rollout(fleet: &Fleet, config: &str, collector: &str, extra: &[&str]) -> 
 fn rollout_promotes_each_wave_once_healthy_and_stops_on_a_failed_canary_or_a_silent_host() {
     let names = ["a", "b", "c"];
     let mut fleet = Fleet::new(&names);
-    let hosts: Vec<_> = names
-        .iter()
-        .map(|n| fleet.host(n, Channel::Directory))
-        .collect();
+    let hosts = directory_hosts(&mut fleet, &names);
     let mut toml = String::new();
     for (wave, host) in hosts.iter().enumerate() {
         let key = run(host.agent(&["identity"])).ok().stdout.trim().to_owned();
@@ -191,11 +211,7 @@ fn rollout_promotes_each_wave_once_healthy_and_stops_on_a_failed_canary_or_a_sil
     // Every wave healthy in turn, and a person pauses it on the way: nothing is promoted
     // while paused, the rollout goes on after resume and exits 0 once the last wave is healthy
     // too.
-    for name in names {
-        fleet.fleet.set(name, |h| h.version = "2".into());
-    }
-    fleet.fleet.commit("v2");
-    let v2: Vec<String> = names.iter().map(|n| fleet.fleet.build(n)).collect();
+    let v2 = new_version(&mut fleet, &names, "2", None);
     let serial = || fleet.published_json()["serial"].as_u64().unwrap();
     let out = std::thread::scope(|scope| {
         let running = scope.spawn(|| {
@@ -234,13 +250,7 @@ fn rollout_promotes_each_wave_once_healthy_and_stops_on_a_failed_canary_or_a_sil
 
     // A canary that fails: the rollout stops and says who and why; later waves never move.
     let switches: Vec<usize> = hosts.iter().map(|h| h.switch_calls().len()).collect();
-    for name in names {
-        fleet.fleet.set(name, |h| {
-            h.version = "3".into();
-            h.behaviour = if name == "a" { "fail" } else { "ok" }.into();
-        });
-    }
-    fleet.fleet.commit("v3, a broken");
+    new_version(&mut fleet, &names, "3", Some("a"));
     let out = rollout(&fleet, &config, &collector.url, &[]);
     assert_eq!(out.code, Some(2), "{out}");
     for said in ["rollout_failed", "wave 0 of 3", "a (switch_failed"] {
@@ -258,14 +268,7 @@ fn rollout_promotes_each_wave_once_healthy_and_stops_on_a_failed_canary_or_a_sil
     // the first two waves and stops at the last, naming the silent host.
     step(&fleet, "abort").ok();
     drop(daemons.remove(2));
-    for name in names {
-        fleet.fleet.set(name, |h| {
-            h.version = "4".into();
-            h.behaviour = "ok".into();
-        });
-    }
-    fleet.fleet.commit("v4");
-    let v4: Vec<String> = names.iter().map(|n| fleet.fleet.build(n)).collect();
+    let v4 = new_version(&mut fleet, &names, "4", None);
     let out = rollout(
         &fleet,
         &config,
@@ -312,25 +315,7 @@ fn twelve_agents_behind_nat_roll_out_in_three_waves_and_a_failed_canary_is_abort
     };
     fleet_tests::wait_until("every agent healthy on release 1", 90, || all_healthy(1));
 
-    let set_all = |fleet: &mut Fleet, version: &str, failing: Option<&str>| {
-        for name in &nat.names {
-            fleet.fleet.set(name, |h| {
-                h.version = version.into();
-                h.behaviour = if Some(name.as_str()) == failing {
-                    "fail"
-                } else {
-                    "ok"
-                }
-                .into();
-            });
-        }
-        fleet.fleet.commit(version);
-        nat.names
-            .iter()
-            .map(|n| fleet.fleet.build(n))
-            .collect::<Vec<_>>()
-    };
-    let v2 = set_all(fleet, "2", None);
+    let v2 = new_version(fleet, &nat.names, "2", None);
     let out = rollout(fleet, &config, &collector.url, &["--wait-healthy"]);
     out.ok();
     for (host, system) in nat.hosts.iter().zip(&v2) {
@@ -339,7 +324,7 @@ fn twelve_agents_behind_nat_roll_out_in_three_waves_and_a_failed_canary_is_abort
 
     // The first canary fails release 3: the rollout stops at wave 0, names it and why.
     let switches: Vec<usize> = nat.hosts.iter().map(|h| h.switch_calls().len()).collect();
-    let v3 = set_all(fleet, "3", Some("h000"));
+    let v3 = new_version(fleet, &nat.names, "3", Some("h000"));
     let out = rollout(fleet, &config, &collector.url, &["--wait-healthy"]);
     assert_eq!(out.code, Some(2), "{out}");
     for said in ["rollout_failed", "wave 0 of 3", "h000 (switch_failed"] {
@@ -487,10 +472,7 @@ fn a_window_that_opens_moves_its_hosts_spread_over_their_splay_not_in_lockstep()
     let names: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut fleet = Fleet::new(&refs);
-    let hosts: Vec<_> = refs
-        .iter()
-        .map(|n| fleet.host(n, Channel::Directory))
-        .collect();
+    let hosts = directory_hosts(&mut fleet, &refs);
     fleet.release(&[]).ok();
     let keys = [fleet.release_public_key()];
     let directory = fleet.channel_url(Channel::Directory);
